@@ -1,0 +1,3 @@
+from cyrushelper.cli import main
+
+raise SystemExit(main())

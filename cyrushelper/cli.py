@@ -1,0 +1,88 @@
+"""Command line: `cyrushelper SUBCOMMAND …` (also `python -m cyrushelper`).
+
+Each subcommand's work lives in its own module; this file only parses arguments, loads the
+configuration and maps errors to the documented exit codes (cyrushelper/exitcodes.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cyrushelper import __version__, exitcodes
+from cyrushelper.config import DEFAULT_CYRUS_CONF, DEFAULT_IMAPD_CONF, ConfigError
+
+log = logging.getLogger("cyrushelper")
+
+# name -> (module implementing it, one-line help). The module exposes add_arguments(parser) and
+# main(args) -> exit code; a module that does not exist yet makes the subcommand refuse with exit 2.
+SUBCOMMANDS = {
+    "generate": ("cyrushelper.render", "render systemd units for an instance from imapd.conf/cyrus.conf"),
+    "run": ("cyrushelper.supervisor", "run Cyrus master as a Type=notify service (the unit's ExecStart)"),
+    "stop": ("cyrushelper.fence", "fence new sessions and give open ones a grace period (ExecStop)"),
+    "drain": ("cyrushelper.drain", "replicate every pending sync log of every channel (ExecStopPost)"),
+    "status": ("cyrushelper.status", "show master, replication backlog and last stop of an instance"),
+    "watch": ("cyrushelper.status", "follow the replication backlog live (inotify)"),
+    "switchover": ("cyrushelper.switchover", "soft failover: drain the primary, prove the replica caught up"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--imapd-conf", "-C", default=str(DEFAULT_IMAPD_CONF), metavar="PATH",
+                        help=f"the instance's imapd.conf (default {DEFAULT_IMAPD_CONF})")
+    parser.add_argument("--cyrus-conf", "-M", default=str(DEFAULT_CYRUS_CONF), metavar="PATH",
+                        help=f"the instance's cyrus.conf (default {DEFAULT_CYRUS_CONF})")
+    parser.add_argument("--instance", default="default", metavar="NAME",
+                        help="instance name (the %%i of cyrus@NAME.service)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cyrushelper",
+        description="Lossless stops and soft failover for Cyrus IMAP replication under systemd.",
+        epilog=exitcodes.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cyrushelper {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=exitcodes.epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(module=module_name, command=name)
+        module = _load(module_name)
+        if module is not None:
+            module.add_arguments(p, name)
+    return parser
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            return None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from cyrushelper import journal
+    journal.setup_logging(verbose=args.verbose)
+    if not args.command:
+        parser.print_help()
+        return exitcodes.USAGE
+    module = _load(args.module)
+    if module is None:
+        print(f"cyrushelper {args.command}: not implemented yet", file=sys.stderr)
+        return exitcodes.USAGE
+    try:
+        return module.main(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return exitcodes.CONFIG
+    except KeyboardInterrupt:
+        return exitcodes.FAILURE

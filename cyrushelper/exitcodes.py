@@ -1,0 +1,30 @@
+"""Exit codes of every cyrushelper command (sysexits(3) numbers, familiar to mail operators).
+
+Listed in `cyrushelper --help` and the README; a test keeps all three in step.
+"""
+
+OK = 0                    # done: for `drain`, every channel's log and log-run are gone
+FAILURE = 1               # an unexpected error (a bug, or master died on its own)
+USAGE = 2                 # bad command line, or a subcommand that is not implemented yet
+REPLICA_UNREACHABLE = 69  # EX_UNAVAILABLE: the replica did not answer; every event kept for the next run
+SYNC_FAILED = 76          # EX_PROTOCOL: the replica answered but refused/failed a batch; events kept
+DEADLINE = 75             # EX_TEMPFAIL: work remained when our deadline ran out; events kept
+LOCKED = 73               # another drainer holds a channel's lock (rolling sync_client, manual drain)
+UNCLEAN_STOP = 70         # EX_SOFTWARE: master had to be SIGKILLed; events may be missing (reconcile)
+CONFIG = 78               # EX_CONFIG: imapd.conf / cyrus.conf / arguments refused (file:line printed)
+
+DESCRIPTIONS = {
+    OK: "success (for drain: every sync log of every channel replicated and removed)",
+    FAILURE: "unexpected failure (e.g. master died on its own); see the journal",
+    USAGE: "usage error, or subcommand not implemented yet",
+    REPLICA_UNREACHABLE: "replica unreachable: events kept untouched, the next start or drain replays them",
+    LOCKED: "another drainer (rolling sync_client, manual drain) holds a channel lock",
+    DEADLINE: "deadline reached with work left: events kept, rerun drain",
+    SYNC_FAILED: "replica answered but a batch failed: events kept, see the journal",
+    UNCLEAN_STOP: "master needed SIGKILL: stop recorded as unclean, reconcile with sync_client -A",
+    CONFIG: "configuration error (message names file:line); nothing written",
+}
+
+
+def epilog() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in sorted(DESCRIPTIONS.items()))

@@ -1,0 +1,32 @@
+#!/bin/sh
+# Install what cyrushelper's demo and tests need on Debian 12, as root, idempotently:
+# Cyrus 3.6 from Debian, systemd-nspawn pinned to the installed systemd (an unpinned install
+# would upgrade systemd itself), libsystemd-dev for the systemd-python extra, and a venv in .venv.
+set -eu
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bootstrap: run as root (installs Debian packages)" >&2; exit 1; }
+SDV=$(dpkg-query -W -f='${Version}' systemd)
+PKGS="cyrus-imapd cyrus-common cyrus-replication cyrus-admin cyrus-clients sasl2-bin
+      systemd-container=$SDV libsystemd-dev=$SDV pkg-config gcc python3-venv python3-dev"
+missing=""
+for p in $PKGS; do
+  name=${p%%=*}
+  dpkg-query -W -f='${Status}' "$name" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  echo "bootstrap: apt-get install$missing"
+  # policy-rc.d: the cyrus-common postinst must not try to start a system-wide Cyrus here
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q -e '.[journal,test]'
+echo "bootstrap: ready ($(.venv/bin/python --version), $(/usr/lib/cyrus/bin/master -V 2>&1 | head -1 || echo cyrus))"
