@@ -1,0 +1,281 @@
+"""`cyrushelper generate`: rendering, the shared-file contract, safe writes, lint and hardening."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cyrushelper import atomic, cli, exitcodes, render
+from cyrushelper.config import ConfigError, Instance
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBIAN = ROOT / "tests" / "data" / "debian"
+UNITS = ROOT / "units"
+# verify insists every Exec*= binary exists: render with one that does for the lint tests
+EXISTING_HELPER = shutil.which("cyrushelper") or sys.executable
+DEBIAN_ARGS = ["--imapd-conf", str(DEBIAN / "imapd.conf"), "--cyrus-conf", str(DEBIAN / "cyrus.conf"),
+               "--unit-imapd-conf", "/etc/imapd.conf", "--unit-cyrus-conf", "/etc/cyrus.conf",
+               "--instance", "default"]
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+
+
+def generate(*args: str) -> int:
+    return cli.main(["generate", *args])
+
+
+def make_instance(tmp_path: Path, name: str, port: int, extra: str = "", cyrus_extra: str = "") -> tuple[Path, Path]:
+    base = tmp_path / name
+    (base / "conf").mkdir(parents=True)
+    imapd = base / "imapd.conf"
+    imapd.write_text(f"configdirectory: {base}/conf\npartition-default: {base}/spool\n"
+                     f"proc_path: /run/cyrus-{name}/proc\nlmtpsocket: /run/cyrus-{name}/socket/lmtp\n"
+                     f"sync_log: yes\n{extra}")
+    cyrus = base / "cyrus.conf"
+    cyrus.write_text("SERVICES {\n"
+                     f'  imap cmd="imapd -C {imapd}" listen="127.0.0.1:{port}"\n'
+                     f'  lmtpunix cmd="lmtpd -C {imapd}" listen="/run/cyrus-{name}/socket/lmtp"\n'
+                     f"{cyrus_extra}}}\n")
+    return imapd, cyrus
+
+
+def tree(directory: Path) -> dict[str, str]:
+    """relative path -> content (files) or '-> target' (symlinks), README excluded."""
+    result = {}
+    for path in sorted(directory.rglob("*")):
+        rel = str(path.relative_to(directory))
+        if rel == "README.md":
+            continue
+        if path.is_symlink():
+            result[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            result[rel] = path.read_text()
+    return result
+
+
+def verify(*unit_files: Path) -> str:
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", "--generators=no", *map(str, unit_files)],
+                         capture_output=True, text=True, timeout=60)
+    return (out.stdout + out.stderr).strip() + ("" if out.returncode == 0 else f"\n(rc={out.returncode})")
+
+
+# --------------------------------------------------------------------------- rendering
+
+def test_debian_rendering_has_the_four_outputs_and_valid_checksums(tmp_path):
+    assert generate(*DEBIAN_ARGS, "--helper", "/usr/bin/cyrushelper", "--output", str(tmp_path)) == 0
+    files = tree(tmp_path)
+    assert set(files) == {"cyrus@.service", "cyrus.service", "cyrus@default.service.d/cyrushelper.conf",
+                          "cyrus.service.wants/cyrus@default.service"}
+    assert files["cyrus.service.wants/cyrus@default.service"] == "-> ../cyrus@.service"
+    for rel in ("cyrus@.service", "cyrus.service", "cyrus@default.service.d/cyrushelper.conf"):
+        recorded, body = render.split_header(files[rel])
+        assert recorded == render.hashlib.sha256(body.encode()).hexdigest(), rel
+    unit = files["cyrus@.service"]
+    for line in ("Type=notify", "NotifyAccess=exec", "KillMode=mixed", "PartOf=cyrus.service",
+                 "ProtectSystem=strict", "WantedBy=cyrus.service",
+                 "ExecStart=/usr/bin/cyrushelper run --instance %i --imapd-conf ${CYRUS_IMAPD_CONF} "
+                 "--cyrus-conf ${CYRUS_CONF}",
+                 "ExecStopPost=/usr/bin/cyrushelper drain --from-systemd --instance %i"):
+        assert line in unit
+    assert "User=" not in unit.replace("# User=", "")  # root on purpose (see the unit's comment)
+
+
+def test_debian_dropin_lists_the_paths_the_config_writes(tmp_path):
+    generate(*DEBIAN_ARGS, "--helper", "/usr/bin/cyrushelper", "--output", str(tmp_path))
+    dropin = (tmp_path / "cyrus@default.service.d/cyrushelper.conf").read_text()
+    rw = re.findall(r"^ReadWritePaths=(.*)$", dropin, re.M)
+    # configdirectory is required (no '-'); the rest optional; UNIX socket dirs from cyrus.conf too
+    assert rw[0] == "/var/lib/cyrus"
+    assert set(rw) == {"/var/lib/cyrus", "-/var/spool/cyrus/mail", "-/var/spool/cyrus/news",
+                       "-/run/cyrus/proc", "-/run/cyrus/lock", "-/var/spool/sieve", "-/run/cyrus/socket"}
+    assert "Environment=CYRUS_IMAPD_CONF=/etc/imapd.conf" in dropin
+    assert "Environment=CYRUS_CONF=/etc/cyrus.conf" in dropin
+    assert "ExecStartPre=+/bin/mkdir -p /run/cyrus/proc /run/cyrus/lock /run/cyrus/socket" in dropin
+    assert "ExecStartPre=+/bin/chown cyrus: /run/cyrus/proc /run/cyrus/lock /run/cyrus/socket" in dropin
+    assert "Conflicts=cyrus-imapd.service" in dropin  # same /etc/imapd.conf as Debian's own unit
+
+
+def test_two_instances_share_identical_common_files(tmp_path):
+    a = make_instance(tmp_path, "alpha", 11143)
+    b = make_instance(tmp_path, "beta", 11243, extra="cyrus_user: imap\n")
+    out_a, out_b = tmp_path / "out-a", tmp_path / "out-b"
+    for (imapd, cyrus), name, out in ((a, "alpha", out_a), (b, "beta", out_b)):
+        assert generate("-C", str(imapd), "-M", str(cyrus), "--instance", name,
+                        "--helper", "/usr/bin/cyrushelper", "--output", str(out)) == 0
+    ta, tb = tree(out_a), tree(out_b)
+    common = set(ta) & set(tb)
+    assert common == {"cyrus@.service", "cyrus.service"}
+    for rel in common:
+        assert ta[rel] == tb[rel], rel
+    assert "/run/cyrus-alpha/socket" in ta["cyrus@alpha.service.d/cyrushelper.conf"]
+    assert "/bin/chown imap: " in tb["cyrus@beta.service.d/cyrushelper.conf"]
+    assert "Conflicts=" not in ta["cyrus@alpha.service.d/cyrushelper.conf"]
+    # installing one output on top of the other conflicts with nothing: generate agrees
+    assert generate("-C", str(b[0]), "-M", str(b[1]), "--instance", "beta",
+                    "--helper", "/usr/bin/cyrushelper", "--output", str(out_a)) == 0
+
+
+def test_replica_instance_orders_the_stop(tmp_path):
+    imapd, cyrus = make_instance(tmp_path, "primary", 11143)
+    generate("-C", str(imapd), "-M", str(cyrus), "--instance", "primary", "--replica-instance", "replica",
+             "--helper", "/usr/bin/cyrushelper", "--output", str(tmp_path / "out"))
+    dropin = (tmp_path / "out/cyrus@primary.service.d/cyrushelper.conf").read_text()
+    assert "After=cyrus@replica.service" in dropin.splitlines()
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--instance", "primary", "--replica-instance",
+                    "primary", "--output", str(tmp_path / "out2")) == exitcodes.CONFIG
+
+
+def test_default_helper_is_the_installed_one_made_absolute(monkeypatch):
+    monkeypatch.setattr(render.shutil, "which", lambda name: "bin/cyrushelper")
+    assert render.default_helper() == os.path.abspath("bin/cyrushelper")
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)
+    assert render.default_helper() == "/usr/bin/cyrushelper"
+
+
+# --------------------------------------------------------------------------- errors, nothing written
+
+@pytest.mark.parametrize("extra, where", [
+    ("sync_batchsize: many\n", "imapd.conf:6"),               # Cyrus refuses the value
+    ("partition-other: /srv/mail spool\n", "imapd.conf:6"),   # systemd would split it
+    ("sievedir: relative/dir\n", "imapd.conf:6"),             # the unit runs in /
+])
+def test_config_error_exits_78_with_file_line_and_writes_nothing(tmp_path, capsys, extra, where):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143, extra=extra)
+    out = tmp_path / "out"
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--output", str(out)) == exitcodes.CONFIG
+    assert not out.exists()
+    assert where in capsys.readouterr().err
+
+
+def test_bad_instance_name_and_relative_helper_are_refused(tmp_path):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    for args in (["--instance", "a b"], ["--instance", "../x"], ["--helper", "bin/cyrushelper"]):
+        assert generate("-C", str(imapd), "-M", str(cyrus), *args,
+                        "--output", str(tmp_path / "out")) == exitcodes.CONFIG
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- overwriting
+
+def test_rerender_replaces_our_files_but_refuses_hand_edits(tmp_path, capsys):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    out = tmp_path / "out"
+    base = ["-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--output", str(out)]
+    assert generate(*base, "--helper", "/usr/bin/cyrushelper") == 0
+    assert generate(*base, "--helper", "/usr/bin/cyrushelper") == 0
+    assert "up to date" in capsys.readouterr().out
+    # an unchanged generated file is ours to replace: a new helper path goes everywhere
+    assert generate(*base, "--helper", "/opt/bin/cyrushelper") == 0
+    unit = out / "cyrus@.service"
+    assert "ExecStart=/opt/bin/cyrushelper run" in unit.read_text()
+    # the admin edits the unit: refused, and nothing else is written either
+    edited = unit.read_text().replace("TimeoutStopSec=90s", "TimeoutStopSec=10min")
+    unit.write_text(edited)
+    before = tree(out)
+    assert generate(*base, "--replica-instance", "r", "--helper", "/usr/bin/cyrushelper") == exitcodes.FAILURE
+    err = capsys.readouterr().err
+    assert "cyrus@.service" in err and "edited by hand" in err and "--force" in err
+    assert tree(out) == before
+    assert generate(*base, "--helper", "/usr/bin/cyrushelper", "--force") == 0
+    assert "TimeoutStopSec=90s" in unit.read_text()
+
+
+def test_foreign_files_and_links_are_refused(tmp_path, capsys):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    out = tmp_path / "out"
+    (out / "cyrus.service.wants").mkdir(parents=True)
+    (out / "cyrus.service").write_text("[Service]\nExecStart=/bin/true\n")  # no checksum header
+    os.symlink("/elsewhere", out / "cyrus.service.wants/cyrus@x.service")
+    base = ["-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--output", str(out), "--helper", "/h"]
+    assert generate(*base) == exitcodes.FAILURE
+    err = capsys.readouterr().err
+    assert "not generated by cyrushelper" in err and "symlink to '/elsewhere'" in err
+    assert not (out / "cyrus@.service").exists()  # all or nothing
+    assert generate(*base, "--force") == 0
+    assert os.readlink(out / "cyrus.service.wants/cyrus@x.service") == "../cyrus@.service"
+
+
+def test_write_atomic_failure_leaves_old_file_and_no_temporaries(tmp_path, monkeypatch):
+    target = tmp_path / "unit.service"
+    atomic.write_atomic(target, "old\n")
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic.write_atomic(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["unit.service"]
+
+
+def test_symlink_atomic_replaces_a_link(tmp_path):
+    link = tmp_path / "l"
+    atomic.symlink_atomic("a", link)
+    atomic.symlink_atomic("b", link)
+    assert os.readlink(link) == "b" and os.listdir(tmp_path) == ["l"]
+
+
+# --------------------------------------------------------------------------- units/ drift
+
+def test_units_dir_is_the_current_debian_rendering(tmp_path):
+    assert generate(*DEBIAN_ARGS, "--helper", "/usr/bin/cyrushelper", "--output", str(tmp_path)) == 0
+    fresh, committed = tree(tmp_path), tree(UNITS)
+    assert fresh == committed, ("units/ drifted from templates/: refresh it with the command in "
+                                "units/README.md")
+
+
+# --------------------------------------------------------------------------- lint and hardening
+
+@needs_analyze
+def test_verify_prints_nothing_for_the_rendered_units(tmp_path):
+    generate(*DEBIAN_ARGS, "--helper", EXISTING_HELPER, "--output", str(tmp_path))
+    imapd, cyrus = make_instance(tmp_path, "replica", 11243)
+    generate("-C", str(imapd), "-M", str(cyrus), "--instance", "replica", "--helper", EXISTING_HELPER,
+             "--output", str(tmp_path))
+    generate(*DEBIAN_ARGS, "--replica-instance", "replica", "--helper", EXISTING_HELPER,
+             "--output", str(tmp_path), "--force")
+    assert verify(tmp_path / "cyrus@default.service", tmp_path / "cyrus@replica.service",
+                  tmp_path / "cyrus.service") == ""
+
+
+@needs_analyze
+def test_verify_catches_a_bad_directive_in_the_dropin(tmp_path):
+    # guards the lint above: verify must read our drop-in and complain about it
+    generate(*DEBIAN_ARGS, "--helper", EXISTING_HELPER, "--output", str(tmp_path))
+    with open(tmp_path / "cyrus@default.service.d/cyrushelper.conf", "a") as f:
+        f.write("KillMode=sometimes\n")
+    assert "kill mode" in verify(tmp_path / "cyrus@default.service")
+
+
+@needs_analyze
+def test_instance_unit_exposure_is_at_most_4(tmp_path):
+    unit = UNITS / "cyrus@default.service"  # with its drop-in: analyze reads cyrus@default.service.d/
+    # --threshold counts tenths in systemd 252 (exposure 4.0 = 40; "4.0" is refused)
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=40", str(unit)],
+                         capture_output=True, text=True, timeout=60, cwd=UNITS)
+    m = re.search(r"Overall exposure level for cyrus@default.service: (\d+\.\d+)", out.stdout)
+    assert m, out.stdout + out.stderr
+    assert float(m.group(1)) <= 4.0 and out.returncode == 0, out.stdout
+
+
+@pytest.mark.system
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root + unshare")
+def test_verify_the_committed_units_against_an_installed_helper(tmp_path):
+    """units/ itself names /usr/bin/cyrushelper: lint it in an overlay of / where that exists."""
+    script = f"""
+set -e
+L={tmp_path}/ov; mkdir -p $L; mount -t tmpfs tmpfs $L; mkdir $L/u $L/w $L/m
+mount -t overlay overlay -o lowerdir=/,upperdir=$L/u,workdir=$L/w $L/m
+touch $L/m/usr/bin/cyrushelper && mount --bind {EXISTING_HELPER} $L/m/usr/bin/cyrushelper
+cd {UNITS}
+systemd-analyze verify --man=no --generators=no --root=$L/m ./cyrus@default.service ./cyrus.service 2>&1
+"""
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out
