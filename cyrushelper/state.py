@@ -1,0 +1,93 @@
+"""What cyrushelper remembers between runs, in `{configdirectory}/cyrushelper/`.
+
+- `unclean-stop.json`: written when a stop needed SIGKILL (a replication event may be missing).
+  It stays until a reconcile (`sync_client -A` on every channel) succeeded or an operator
+  acknowledged it (`cyrushelper status --ack-unclean`); `run` and `status` report it.
+- `last-stop.json`: how the last stop ended (clean/unclean/master died), for `status`.
+- `last-drain.json`: written by `cyrushelper drain`; only read here.
+
+Every write is atomic (cyrushelper.atomic): a crash leaves the old or the new file, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from cyrushelper.atomic import write_atomic
+from cyrushelper.config import Instance
+
+UNCLEAN_STOP = "unclean-stop.json"
+LAST_STOP = "last-stop.json"
+LAST_DRAIN = "last-drain.json"
+
+
+def state_dir(instance: Instance) -> Path:
+    return instance.imapd.configdirectory / "cyrushelper"
+
+
+def ensure_state_dir(instance: Instance) -> Path:
+    """Create the state directory (owned like configdirectory when we are root, mode 0750)."""
+    from cyrushelper import locks  # the drain's lock files live in the same directory
+    return locks.state_dir(instance.imapd.configdirectory)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o640)
+
+
+def read_json(path: Path) -> dict | None:
+    """The file's object, None if absent; a damaged file is reported as such, not raised."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return {"error": f"unreadable {path.name}: {e}"}
+    return data if isinstance(data, dict) else {"error": f"unexpected content in {path.name}"}
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def record_unclean_stop(instance: Instance, reason: str, killed_pids: list[int],
+                        master_pid: int | None = None) -> Path:
+    path = ensure_state_dir(instance) / UNCLEAN_STOP
+    write_json_atomic(path, {
+        "time": now_iso(),
+        "reason": reason,
+        "killed_pids": sorted(killed_pids),
+        "master_pid": master_pid,
+        "instance": instance.name,
+        "advice": "replication events may be missing: reconcile every channel with sync_client -A",
+    })
+    return path
+
+
+def unclean_stop(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / UNCLEAN_STOP)
+
+
+def clear_unclean_stop(instance: Instance) -> bool:
+    try:
+        os.unlink(state_dir(instance) / UNCLEAN_STOP)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def record_last_stop(instance: Instance, result: dict) -> None:
+    path = ensure_state_dir(instance) / LAST_STOP
+    write_json_atomic(path, {"time": now_iso(), **result})
+
+
+def last_stop(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / LAST_STOP)
+
+
+def last_drain(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / LAST_DRAIN)

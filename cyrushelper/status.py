@@ -1,0 +1,232 @@
+"""`cyrushelper status` (one report) and `cyrushelper watch` (live backlog, inotify driven).
+
+status exit codes (LSB-like, for scripts and monitoring):
+  0  master runs, every SERVICES listener accepts, no unclean-stop marker
+  1  master runs but needs attention: a listener does not accept, or the last stop was unclean
+  3  master is not running (the report still shows backlog, last stop and markers)
+ 78  configuration error
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import time
+
+from cyrushelper import cli, exitcodes, fence, proc, state, synclog
+from cyrushelper.config import Instance
+
+log = logging.getLogger("cyrushelper.status")
+
+RUNNING = 0
+DEGRADED = 1
+NOT_RUNNING = 3
+
+STATUS_EPILOG = """status exit codes:
+    0  master runs, every SERVICES listener accepts, no unclean-stop marker
+    1  master runs but needs attention: a listener does not accept, or the last stop was unclean
+    3  master is not running (backlog, last stop and markers are still reported)
+   78  configuration error
+"""
+
+
+def collect(instance: Instance, probe: bool = True) -> dict:
+    from cyrushelper.supervisor import probe_all, rolling_channels
+
+    pid = proc.running_master(instance.pid_file)
+    rolling = rolling_channels(instance)
+    report: dict = {
+        "instance": instance.name,
+        "master": {
+            "pid_file": str(instance.pid_file),
+            "pid": pid if pid is not None else proc.read_pid_file(instance.pid_file),
+            "running": pid is not None,
+            "processes": len(proc.session_members(pid)) if pid is not None else 0,
+        },
+        "listeners": {},
+        "channels": [],
+        "fence": {"path": str(instance.fence_file), "present": fence.fence_present(instance)},
+        "sessions": len(fence.sessions(instance)) if pid is not None else 0,
+        "unclean_stop": state.unclean_stop(instance),
+        "last_stop": state.last_stop(instance),
+        "last_drain": state.last_drain(instance),
+        "state_dir": str(state.state_dir(instance)),
+    }
+    if pid is not None and probe:
+        report["listeners"] = {name: ("ok" if err is None else err)
+                               for name, err in probe_all(instance, timeout=1.0).items()}
+    for channel in instance.channels:
+        b = synclog.backlog(channel)
+        report["channels"].append({
+            "name": b.channel, "replica": channel.replica_address, "lines": b.lines,
+            "log": b.log, "log_run": b.log_run, "legacy": b.legacy, "files": list(b.files),
+            "rolling_sync_client": b.channel in rolling,
+        })
+    report["exit_code"] = health(report)
+    report["state"] = {RUNNING: "running", DEGRADED: "degraded", NOT_RUNNING: "not running"}[report["exit_code"]]
+    return report
+
+
+def health(report: dict) -> int:
+    if not report["master"]["running"]:
+        return NOT_RUNNING
+    if report["unclean_stop"] is not None or any(v != "ok" for v in report["listeners"].values()):
+        return DEGRADED
+    return RUNNING
+
+
+def format_text(report: dict) -> str:
+    m = report["master"]
+    lines = [f"instance {report['instance']}: {report['state']}"]
+    if m["running"]:
+        lines.append(f"  master: PID {m['pid']}, {m['processes']} processes in its session, "
+                     f"{report['sessions']} client sessions")
+    else:
+        stale = f" (stale PID {m['pid']} in {m['pid_file']})" if m["pid"] else ""
+        lines.append(f"  master: not running{stale}")
+    for name, result in report["listeners"].items():
+        lines.append(f"  listener {name}: {result}")
+    if not report["channels"]:
+        lines.append("  replication: no sync channel (sync_log off)")
+    for c in report["channels"]:
+        files = ", ".join(c["files"]) or "empty"
+        roll = "rolling sync_client" if c["rolling_sync_client"] else "no rolling sync_client"
+        lines.append(f"  channel {c['name']} -> {c['replica']}: {c['lines']} lines pending ({files}); {roll}")
+    if report["fence"]["present"]:
+        lines.append(f"  fence present: {report['fence']['path']} (users get BYE, LMTP 421)")
+    u = report["unclean_stop"]
+    if u is not None:
+        lines.append(f"  UNCLEAN STOP {u.get('time', '?')}: {u.get('reason', u.get('error', '?'))}")
+        lines.append("    replication events may be missing: run `sync_client -A` per channel, "
+                     "then `cyrushelper status --ack-unclean`")
+    s = report["last_stop"]
+    if s is not None:
+        lines.append(f"  last stop {s.get('time', '?')}: {s.get('result', s.get('error', '?'))}"
+                     + (f" after {s['seconds']}s" if "seconds" in s else ""))
+    d = report["last_drain"]
+    if d is not None:
+        summary = {k: v for k, v in d.items() if not isinstance(v, (dict, list))}
+        lines.append("  last drain: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.items())))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- watch
+
+def watch(instance: Instance, as_json: bool, interval: float, duration: float, out=sys.stdout) -> int:
+    """Print the backlog whenever it changes (at most once per `interval`) and when master exits.
+    Woken only by inotify, master's pidfd and signals; ends after `duration` (0: never)."""
+    from cyrushelper.syncwatch import DirWatch
+
+    stop = {"flag": False}
+    rsock, wsock = os.pipe()
+    os.set_blocking(wsock, False)
+    old_wakeup = signal.set_wakeup_fd(wsock, warn_on_full_buffer=False)
+    old = {s: signal.signal(s, lambda *_: stop.update(flag=True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    pidfd = None
+
+    def open_pidfd():
+        pid = proc.running_master(instance.pid_file)
+        if pid is None:
+            return None, None
+        try:
+            return pid, os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            return pid, None
+
+    def emit(master_pid):
+        backlogs = [synclog.backlog(c) for c in instance.channels]
+        if as_json:
+            out.write(json.dumps({"time": time.time(), "master_pid": master_pid,
+                                  "channels": {b.channel: b.lines for b in backlogs}}) + "\n")
+        else:
+            who = f"master {master_pid}" if master_pid else "master not running"
+            out.write(f"{time.strftime('%H:%M:%S')} {who}; {synclog.format_backlog(backlogs)}\n")
+        out.flush()
+
+    end = time.monotonic() + duration if duration > 0 else None
+    try:
+        with DirWatch() as dw:
+            for channel in instance.channels:
+                dw.add_channel(channel)
+            dw.add_file("pid", instance.pid_file)  # a new master writes its pid file
+            master_pid, pidfd = open_pidfd()
+            dw.read()
+            emit(master_pid)
+            last = time.monotonic()
+            pending = False
+            while not stop["flag"]:
+                now = time.monotonic()
+                if end is not None and now >= end:
+                    break
+                timeout = None if end is None else end - now
+                if pending:
+                    due = last + interval - now
+                    timeout = due if timeout is None else min(timeout, due)
+                fds = [rsock, dw.fileno()] + ([pidfd] if pidfd is not None else [])
+                ready, _, _ = select.select(fds, [], [], None if timeout is None else max(0.0, timeout))
+                if rsock in ready:
+                    os.read(rsock, 512)
+                changed = dw.read()
+                if pidfd is not None and pidfd in ready:
+                    os.close(pidfd)
+                    master_pid, pidfd = None, None
+                    pending = True
+                if "pid" in changed:
+                    if pidfd is not None:
+                        os.close(pidfd)
+                    master_pid, pidfd = open_pidfd()
+                if changed:
+                    pending = True
+                if pending and time.monotonic() - last >= interval:
+                    emit(master_pid)
+                    last, pending = time.monotonic(), False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        signal.set_wakeup_fd(old_wakeup)
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(rsock)
+        os.close(wsock)
+    return exitcodes.OK
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    cli.add_config_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output"
+                        + (" (one JSON object per line)" if name == "watch" else ""))
+    if name == "status":
+        parser.epilog = STATUS_EPILOG + "\n" + (parser.epilog or "")
+        parser.add_argument("--no-probe", action="store_true",
+                            help="do not connect to the listeners (a probe starts a Cyrus process each)")
+        parser.add_argument("--ack-unclean", action="store_true",
+                            help="remove the unclean-stop marker after you reconciled by hand")
+    else:
+        parser.add_argument("--interval", type=float, default=0.25, metavar="SECONDS",
+                            help="at most one line per interval (default 0.25)")
+        parser.add_argument("--duration", type=float, default=0, metavar="SECONDS",
+                            help="stop after this long (default: until Ctrl-C / SIGTERM)")
+
+
+def main(args: argparse.Namespace) -> int:
+    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
+    if args.command == "watch":
+        return watch(instance, args.json, max(0.0, args.interval), args.duration)
+    if args.ack_unclean:
+        if state.clear_unclean_stop(instance):
+            log.info("unclean-stop marker removed from %s", state.state_dir(instance))
+        else:
+            log.info("no unclean-stop marker to remove")
+    report = collect(instance, probe=not args.no_probe)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_text(report))
+    return report["exit_code"]

@@ -1,0 +1,655 @@
+"""`cyrushelper run`: Cyrus master as a Type=notify service, with a stop that is bounded and honest.
+
+Start: a running master for the instance makes us refuse; a stale fence (msg/shutdown) is removed;
+`master -C IMAPD -M CYRUS -p PIDFILE -D` starts in a session of its own (master's shutdown does
+kill(0, SIGTERM) on its process group, which must not include us) without NOTIFY_SOCKET.
+READY=1 is sent when Cyrus can serve. master.c binds the SERVICES sockets only after every START
+entry finished (e.g. `ctl_cyrusdb -r`), then starts `wait=y` daemons, then enters its accept loop;
+so we require every SERVICES listener to accept a connection and every service that speaks first
+(imapd, pop3d, lmtpd, timsieved, nntpd without -s) to send its greeting, which only a child forked
+by the running loop can do. Cyrus ≥ 3.10 also creates master.ready just before that loop: when the
+installed master is that new we first wait for the file (inotify), then probe the listeners.
+
+Running: STATUS= shows each channel's replication backlog, refreshed from inotify events on the
+sync directories (at most every --status-interval seconds; nothing polls). SIGHUP goes to master
+(it re-reads cyrus.conf). Master exiting on its own ends us with exit 1: the unit fails.
+
+Stop (SIGTERM or SIGINT): STOPPING=1, then exactly one SIGTERM to master (the unit's
+KillMode=mixed keeps systemd from signalling the children too; a second SIGTERM would kill a
+Cyrus child at once). We wait for master and every process of its session until --stop-timeout,
+resending EXTEND_TIMEOUT_USEC and STATUS=stopping: N children left. Past the deadline the whole
+session is SIGKILLed (master first), the stop is recorded as unclean (state.py) and we exit 70.
+The next start reports the marker and, with --reconcile=auto, runs `sync_client -A` per channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cyrushelper import cli, exitcodes, fence, proc, state, synclog
+from cyrushelper.config import Instance, Listen, cyrus_bin_dir
+from cyrushelper.notify import Notifier, Pulse, strip_notify_env
+
+log = logging.getLogger("cyrushelper.run")
+
+GREETING_PROGRAMS = ("imapd", "pop3d", "lmtpd", "timsieved", "nntpd")
+RECONCILE_CHOICES = ("auto", "recommend", "off")
+
+
+# --------------------------------------------------------------------------- event loop
+
+class Loop:
+    """A selector woken by file descriptors, signals (through the wakeup fd, so a signal can never
+    slip in between a check and the sleep) and other threads (`wake()`)."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self._rsock, self._wsock = socket.socketpair()
+        self._rsock.setblocking(False)
+        self._wsock.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
+        self._old_handlers: dict[int, object] = {}
+        self.selector.register(self._rsock, selectors.EVENT_READ, None)
+
+    def handle_signals(self, *signums: int) -> None:
+        # A Python-level handler must be installed for the wakeup fd to receive the signal number;
+        # exec() resets caught signals to default, so Cyrus master does not inherit anything.
+        for signum in signums:
+            self._old_handlers[signum] = signal.signal(signum, lambda *_: None)
+
+    def add_reader(self, fileobj, callback) -> None:
+        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def wake(self) -> None:
+        try:
+            self._wsock.send(b"\0")  # 0 is no signal number: a plain wake-up
+        except (BlockingIOError, OSError):
+            pass
+
+    def poll(self, timeout: float | None) -> list[int]:
+        """Wait up to `timeout`; run ready callbacks; return the signals received meanwhile."""
+        signums: list[int] = []
+        for key, _ in self.selector.select(timeout if timeout is None else max(0.0, timeout)):
+            if key.data is None:
+                try:
+                    while chunk := self._rsock.recv(512):
+                        signums += [b for b in chunk if b]
+                except BlockingIOError:
+                    pass
+            else:
+                key.data()
+        return signums
+
+    def close(self, restore_handlers: bool = True) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        if restore_handlers:
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+        self.selector.close()
+        self._rsock.close()
+        self._wsock.close()
+
+
+# --------------------------------------------------------------------------- readiness
+
+def master_version(master: Path) -> tuple[int, int] | None:
+    """(major, minor) from `master -V` ('cyrus-imapd 3.6.1-Debian-…'), None if unknown."""
+    try:
+        out = subprocess.run([str(master), "-V"], capture_output=True, text=True, timeout=10,
+                             stdin=subprocess.DEVNULL, env=strip_notify_env(os.environ))
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"cyrus-imapd[ -](\d+)\.(\d+)", out.stdout + out.stderr)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def has_ready_file(version: tuple[int, int] | None) -> bool:
+    """master.ready (option master_ready_file, created before the accept loop) exists since 3.10."""
+    return version is not None and version >= (3, 10)
+
+
+def speaks_first(entry) -> bool:
+    words = entry.cmd
+    return entry.program in GREETING_PROGRAMS and "-s" not in words[1:]
+
+
+def probe_listener(listen: Listen, want_greeting: bool, timeout: float = 2.0) -> str | None:
+    """None if the listener accepts (and greets when expected), else why not."""
+    family, address = listen.connect_address()
+    if family != socket.AF_UNIX and address[1] is None:
+        return f"unknown port {listen.port!r}"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(address)
+            if want_greeting:
+                data = s.recv(256)
+                if not data:
+                    return "closed without greeting"
+    except (OSError, socket.timeout) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def probe_all(instance: Instance, timeout: float = 2.0) -> dict[str, str | None]:
+    """{'service listen': None or the failure} for every SERVICES listener."""
+    return {f"{entry.name} {listen}": probe_listener(listen, speaks_first(entry), timeout)
+            for entry, listen in instance.listeners}
+
+
+# --------------------------------------------------------------------------- background jobs
+
+@dataclass
+class Job:
+    """Commands run one after another in a thread, each in a session of its own, under one
+    deadline; `cancel()` ends them (SIGTERM once to the current command, SIGKILL its session
+    after a few seconds). The loop is woken when the job ends."""
+
+    name: str
+    commands: list[list[str]]
+    deadline: float            # seconds for all commands together
+    loop: Loop
+    ok_codes: tuple[int, ...] = (0,)
+    results: list[tuple[list[str], int | None]] = field(default_factory=list)
+    done: bool = False
+    cancelled: bool = False
+
+    def start(self) -> None:
+        self._lock = threading.Lock()
+        self._current: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    @property
+    def succeeded(self) -> bool:
+        return self.done and not self.cancelled and len(self.results) == len(self.commands) and \
+            all(code in self.ok_codes for _, code in self.results)
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.deadline
+        try:
+            for cmd in self.commands:
+                with self._lock:
+                    if self.cancelled:
+                        break
+                    log.info("%s: %s", self.name, " ".join(cmd))
+                    self._current = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                                                     env=strip_notify_env(os.environ))
+                try:
+                    code = self._current.wait(timeout=max(0.0, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s: deadline of %.0fs reached, ending %s", self.name, self.deadline, cmd[0])
+                    self._end_current()
+                    code = None
+                self.results.append((cmd, code))
+                if code not in self.ok_codes:
+                    break
+        finally:
+            self.done = True
+            self.loop.wake()
+
+    def _end_current(self) -> None:
+        p = self._current
+        if p is None or p.poll() is not None:
+            return
+        proc.signal_pids([p.pid], signal.SIGTERM)
+        try:
+            p.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        proc.kill_session(p.pid)
+        p.wait()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+        self._end_current()
+        self._thread.join(timeout=10)
+
+
+def replication_channels(instance: Instance) -> list:
+    """Channels sync_client replays (not a squatter's channel, and with a sync_host)."""
+    try:
+        from cyrushelper.drain import not_replicated_reason
+    except ImportError:
+        return [c for c in instance.channels if c.host]
+    return [c for c in instance.channels if not_replicated_reason(instance, c) is None]
+
+
+def rolling_channels(instance: Instance) -> set[str]:
+    """Labels of the channels a rolling sync_client (-r / -R) in cyrus.conf replays continuously."""
+    labels = set()
+    for entry in instance.sync_client_entries:
+        flags = "".join(w[1:] for w in entry.cmd[1:] if re.fullmatch(r"-[A-Za-z0-9]+", w))
+        if "r" in flags or "R" in flags:
+            labels.add(entry.channel if entry.channel is not None else "default")
+    return labels
+
+
+# --------------------------------------------------------------------------- the supervisor
+
+@dataclass
+class Options:
+    start_timeout: float = 120.0
+    stop_timeout: float = 30.0
+    status_interval: float = 0.5
+    extend_interval: float = 5.0
+    reconcile: str = "recommend"
+    reconcile_timeout: float = 600.0
+    leftover_drain: bool = True
+    drain_timeout: float = 300.0
+
+
+class Supervisor:
+    def __init__(self, instance: Instance, options: Options, notifier: Notifier | None = None):
+        self.instance = instance
+        self.options = options
+        self.notifier = notifier or Notifier()
+        self.master: subprocess.Popen | None = None
+        self.loop: Loop | None = None
+        self.watch = None
+        self.jobs: dict[str, Job] = {}
+        self.notes: dict[str, str] = {}       # extra STATUS fragments by topic
+        self._status_due: float | None = None
+        self._last_status = 0.0
+        self._last_status_text = None
+        self._backlog_text = ""
+
+    # -- helpers
+    @property
+    def master_pid(self) -> int:
+        return self.master.pid
+
+    def master_exit(self):
+        """The master's exit as (code, signal) without reaping it (so its PID, the session id,
+        cannot be reused while we still signal the session); None while it runs."""
+        try:
+            info = os.waitid(os.P_PID, self.master_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return (self.master.returncode, None)
+        if info is None:
+            return None
+        if info.si_code == os.CLD_EXITED:
+            return (info.si_status, None)
+        return (None, info.si_status)
+
+    def session_left(self) -> list[int]:
+        return [p for p in proc.session_members(self.master_pid) if p != self.master_pid]
+
+    def _describe(self, pids: list[int]) -> str:
+        parts = [f"{proc.comm(p) or '?'}[{p}]" for p in pids[:8]]
+        return ", ".join(parts) + (" …" if len(pids) > 8 else "")
+
+    # -- status
+    def _refresh_backlog(self) -> None:
+        self._backlog_text = synclog.format_backlog([synclog.backlog(c) for c in self.instance.channels])
+
+    def status_text(self) -> str:
+        parts = [self._backlog_text] + [v for _, v in sorted(self.notes.items())]
+        return "; ".join(p for p in parts if p)
+
+    def send_status(self, force: bool = False) -> None:
+        text = self.status_text()
+        if force or text != self._last_status_text:
+            self.notifier.status(text)
+            self._last_status_text = text
+        self._last_status = time.monotonic()
+        self._status_due = None
+
+    def _on_sync_change(self) -> None:
+        changed = self.watch.read()
+        if changed:
+            # coalesce: Cyrus appends once per message, STATUS needs no more than a few per second
+            due = self._last_status + self.options.status_interval
+            if self._status_due is None:
+                self._status_due = due
+
+    # -- start
+    def preflight(self) -> Path:
+        master = cyrus_bin_dir() / "master"
+        if not os.access(master, os.X_OK):
+            raise RuntimeError(f"{master} is not an executable file (set CYRUSHELPER_CYRUS_BINDIR?)")
+        other = proc.running_master(self.instance.pid_file)
+        if other is not None:
+            raise RuntimeError(f"a master (PID {other}) already runs for {self.instance.pid_file}")
+        return master
+
+    def start_master(self, master: Path) -> None:
+        cmd = [str(master), "-C", str(self.instance.imapd.path), "-M", str(self.instance.cyrus.path),
+               "-p", str(self.instance.pid_file), "-D"]
+        log.info("starting %s", " ".join(cmd))
+        self.master = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                                       env=strip_notify_env(os.environ))
+
+    def wait_ready(self, use_ready_file: bool) -> str:
+        """'ready', 'stop' (a stop signal arrived), 'died' or 'timeout'."""
+        deadline = time.monotonic() + self.options.start_timeout
+        ready_file_seen = not use_ready_file
+        delay = 0.05
+        while True:
+            if self.master_exit() is not None:
+                return "died"
+            if not ready_file_seen:
+                ready_file_seen = self.instance.ready_file.exists()
+            if ready_file_seen:
+                failures = {k: v for k, v in probe_all(self.instance).items() if v}
+                if not failures:
+                    return "ready"
+                self.notes["start"] = "starting: waiting for " + ", ".join(sorted(failures))
+                self.send_status()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            # Listeners are probed with a growing interval (a connect is all Cyrus 3.6 offers);
+            # the ready file, SIGCHLD and stop signals wake us at once.
+            signums = self.loop.poll(min(delay, remaining) if ready_file_seen else min(1.0, remaining))
+            if any(s in (signal.SIGTERM, signal.SIGINT) for s in signums):
+                return "stop"
+            delay = min(delay * 2, 0.5)
+
+    # -- after READY
+    def start_background_work(self) -> None:
+        marker = state.unclean_stop(self.instance)
+        if marker is not None:
+            when = marker.get("time", "?")
+            if self.options.reconcile == "auto":
+                self.start_reconcile()
+            elif self.options.reconcile == "recommend":
+                self.notes["unclean"] = (f"unclean stop {when}: reconcile with sync_client -A "
+                                         "(or run with --reconcile=auto)")
+                log.warning("the last stop (%s) was unclean (%s): replication events may be missing; "
+                            "run `sync_client -C %s -A` per channel, then `cyrushelper status --ack-unclean`",
+                            when, marker.get("reason", "?"), self.instance.imapd.path)
+        self.check_leftovers()
+
+    def start_reconcile(self) -> None:
+        sync_client = str(cyrus_bin_dir() / "sync_client")
+        commands = []
+        for ch in replication_channels(self.instance):
+            cmd = [sync_client, "-C", str(self.instance.imapd.path)]
+            if ch.name:
+                cmd += ["-n", ch.name]
+            commands.append(cmd + ["-A"])
+        if not commands:
+            self.notes["unclean"] = "unclean stop recorded; no channel with sync_host to reconcile"
+            return
+        job = Job("reconcile", commands, self.options.reconcile_timeout, self.loop)
+        self.jobs["reconcile"] = job
+        self.notes["unclean"] = "reconcile (sync_client -A) running after an unclean stop"
+        job.start()
+
+    def check_leftovers(self) -> None:
+        rolling = rolling_channels(self.instance)
+        orphans = [b for b in (synclog.backlog(c) for c in replication_channels(self.instance))
+                   if not b.empty and b.channel not in rolling]
+        if not orphans:
+            return
+        what = " ".join(f"{b.channel}={b.lines}" for b in orphans)
+        log.warning("sync log events left from before this start and no rolling sync_client to replay "
+                    "them: %s", what)
+        drain_available = importlib.util.find_spec("cyrushelper.drain") is not None
+        if not (self.options.leftover_drain and drain_available):
+            self.notes["leftover"] = f"leftover events {what}: run `cyrushelper drain`"
+            return
+        cmd = [sys.executable, "-m", "cyrushelper", "drain", "-C", str(self.instance.imapd.path),
+               "-M", str(self.instance.cyrus.path), "--instance", self.instance.name,
+               "--deadline", str(self.options.drain_timeout)]
+        for b in orphans:
+            cmd += ["--channel", b.channel]
+        # the drain keeps its own deadline; ours is only the backstop
+        job = Job("drain", [cmd], self.options.drain_timeout + 30, self.loop)
+        self.jobs["drain"] = job
+        self.notes["leftover"] = f"draining leftover events {what}"
+        job.start()
+
+    def _job_finished(self, name: str, job: Job) -> None:
+        codes = [code for _, code in job.results]
+        if name == "reconcile":
+            if job.succeeded:
+                state.clear_unclean_stop(self.instance)
+                self.notes.pop("unclean", None)
+                log.info("reconcile finished: every channel re-synced, unclean-stop marker cleared")
+            else:
+                self.notes["unclean"] = f"reconcile after unclean stop FAILED (exit {codes}): marker kept"
+                log.error("reconcile failed (exit codes %s); the unclean-stop marker stays", codes)
+        elif name == "drain":
+            if job.succeeded:
+                self.notes.pop("leftover", None)
+                log.info("leftover events drained")
+            else:
+                self.notes["leftover"] = f"leftover drain incomplete (exit {codes}): run `cyrushelper drain`"
+                log.warning("leftover drain ended with %s; events kept for the next drain", codes)
+
+    # -- the running phase
+    def serve(self) -> tuple[str, int | None]:
+        """Run until a stop signal ('stop', signum) or master's own exit ('died', None)."""
+        while True:
+            if self.master_exit() is not None:
+                return "died", None
+            for name, job in list(self.jobs.items()):
+                if job.done:
+                    del self.jobs[name]
+                    self._job_finished(name, job)
+                    self._status_due = time.monotonic()
+            now = time.monotonic()
+            if self._status_due is not None and now >= self._status_due:
+                self._refresh_backlog()
+                self.send_status()
+            timeout = None if self._status_due is None else self._status_due - now
+            # An hourly look at master covers a lost SIGCHLD; nothing else wakes us without cause.
+            signums = self.loop.poll(3600.0 if timeout is None else timeout)
+            for signum in signums:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    return "stop", signum
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: asking master to re-read its configuration")
+                    proc.signal_pids([self.master_pid], signal.SIGHUP)
+
+    # -- stop
+    def stop(self, reason: str) -> dict:
+        """Exactly one SIGTERM to master, a bounded wait, SIGKILL past the deadline."""
+        opts = self.options
+        self.notifier.stopping(f"stopping: {reason}")
+        for job in list(self.jobs.values()):
+            job.cancel()
+        self.jobs.clear()
+        t0 = time.monotonic()
+        deadline = t0 + opts.stop_timeout
+        # extend systemd's timer past our own deadline so that our escalation, not systemd's, acts
+        pulse = Pulse(self.notifier, extend=opts.extend_interval * 2 + 5, interval=opts.extend_interval)
+        if self.master_exit() is None:
+            proc.signal_pids([self.master_pid], signal.SIGTERM)
+            log.info("SIGTERM sent to master %d (%s)", self.master_pid, reason)
+        result = self.wait_session(deadline, pulse, t0)
+        result["reason"] = reason
+        return result
+
+    def wait_session(self, deadline: float, pulse: Pulse, t0: float) -> dict:
+        while True:
+            exited = self.master_exit()
+            left = self.session_left()
+            if exited is not None and not left:
+                return {"result": "clean", "seconds": round(time.monotonic() - t0, 3),
+                        "master_exit": list(exited)}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self.escalate(exited, left, t0)
+            n = len(left)
+            pulse(f"stopping: {'master and ' if exited is None else ''}{n} children left")
+            for signum in self.loop.poll(min(remaining, 1.0)):
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("signal %d while stopping: ignored (master gets exactly one SIGTERM)", signum)
+
+    def escalate(self, exited, left: list[int], t0: float) -> dict:
+        who = ("master and " if exited is None else "") + (self._describe(left) or "no children")
+        log.error("stop deadline of %.0fs passed, still running: %s; sending SIGKILL",
+                  self.options.stop_timeout, who)
+        self.notifier.status(f"stopping: deadline passed, SIGKILL to {len(left) + (exited is None)} processes")
+        killed = proc.kill_session(self.master_pid)
+        for _ in range(50):  # SIGKILL is not instantaneous for a process in D state
+            if not self.session_left():
+                break
+            time.sleep(0.1)
+        marker = state.record_unclean_stop(self.instance, f"stop deadline of {self.options.stop_timeout:g}s "
+                                           f"passed; SIGKILLed {who}", killed, self.master_pid)
+        log.error("stop recorded as unclean in %s: replication events may be missing, reconcile with "
+                  "sync_client -A", marker)
+        return {"result": "unclean", "seconds": round(time.monotonic() - t0, 3), "killed_pids": killed}
+
+    def after_master_died(self) -> dict:
+        code, sig = self.master_exit()
+        how = f"exit status {code}" if sig is None else f"signal {sig}"
+        log.error("master %d exited unexpectedly (%s): the unit fails", self.master_pid, how)
+        self.notifier.status(f"master exited unexpectedly ({how})")
+        for job in list(self.jobs.values()):
+            job.cancel()
+        self.jobs.clear()
+        left = self.session_left()
+        result = {"result": "master died", "master_exit": [code, sig]}
+        if left:
+            # Master exits 0 only at the end of its graceful shutdown, after its children (and
+            # then a second SIGTERM would kill a straggler at once). Killed by a signal or exiting
+            # through fatal() (non-zero), it never told its children to stop: we do, once.
+            if code != 0:
+                log.warning("master left %d processes: SIGTERM to %s", len(left), self._describe(left))
+                proc.signal_pids(left, signal.SIGTERM)
+            t0 = time.monotonic()
+            pulse = Pulse(self.notifier, extend=self.options.extend_interval * 2 + 5,
+                          interval=self.options.extend_interval)
+            sub = self.wait_session(t0 + self.options.stop_timeout, pulse, t0)
+            if sub["result"] == "unclean":
+                result["killed_pids"] = sub["killed_pids"]
+                result["unclean"] = True
+        return result
+
+    # -- whole life
+    def run(self) -> int:
+        opts = self.options
+        master = self.preflight()
+        marker = state.unclean_stop(self.instance)
+        if marker is not None:
+            log.warning("unclean-stop marker present (%s: %s)", marker.get("time"), marker.get("reason"))
+        if fence.remove_fence(self.instance):
+            log.info("removed a stale fence %s (left by an earlier stop)", self.instance.fence_file)
+        use_ready_file = has_ready_file(master_version(master))
+        if use_ready_file:
+            try:
+                os.unlink(self.instance.ready_file)  # stale: master is not running (checked above)
+            except FileNotFoundError:
+                pass
+        self.loop = Loop()
+        self.loop.handle_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+        try:
+            self._open_watch(use_ready_file)
+            self.start_master(master)
+            outcome = self.wait_ready(use_ready_file)
+            if outcome == "ready":
+                self.notes.pop("start", None)
+                self._refresh_backlog()
+                log.info("Cyrus serves (master %d): %s", self.master_pid, self._backlog_text)
+                self.notifier.ready(self.status_text())
+                self._last_status_text = self.status_text()
+                self.start_background_work()
+                self.send_status()
+                outcome, signum = self.serve()
+                reason = f"signal {signal.Signals(signum).name}" if outcome == "stop" else ""
+            elif outcome == "stop":
+                reason = "stop requested during start"
+            elif outcome == "timeout":
+                log.error("Cyrus did not become ready within %.0fs: %s", opts.start_timeout,
+                          self.notes.get("start", ""))
+                reason = "start timeout"
+            else:
+                reason = ""
+            if outcome == "died":
+                result = self.after_master_died()
+                code = exitcodes.FAILURE
+            else:
+                result = self.stop(reason)
+                code = exitcodes.UNCLEAN_STOP if result["result"] == "unclean" else exitcodes.OK
+                if outcome == "timeout" and code == exitcodes.OK:
+                    code = exitcodes.FAILURE
+            self.master.wait()
+            if fence.remove_fence(self.instance):
+                log.info("fence removed: nothing of this instance runs any more")
+            state.record_last_stop(self.instance, {"instance": self.instance.name, **result})
+            if outcome != "died":
+                log.info("stopped: %s after %.2fs", result["result"], result.get("seconds", 0))
+            return code
+        finally:
+            if self.master is not None and self.master.poll() is None:
+                # we are leaving on an exception: never leave a master without its supervisor
+                proc.kill_session(self.master.pid)
+                self.master.wait()
+            if self.watch is not None:
+                self.watch.close()
+            # keep ignoring a late SIGTERM (a repeated stop) until we return our exit code
+            self.loop.close(restore_handlers=False)
+
+    def _open_watch(self, use_ready_file: bool) -> None:
+        from cyrushelper.syncwatch import DirWatch
+        self.watch = DirWatch()
+        for channel in self.instance.channels:
+            self.watch.add_channel(channel)
+        if use_ready_file:
+            self.watch.add_file("master.ready", self.instance.ready_file)
+        self.loop.add_reader(self.watch, self._on_sync_change)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    cli.add_config_arguments(parser)
+    d = Options()
+    parser.add_argument("--start-timeout", type=float, default=d.start_timeout, metavar="SECONDS",
+                        help=f"give up (stop master, exit 1) if Cyrus cannot serve after this long "
+                             f"(default {d.start_timeout:g})")
+    parser.add_argument("--stop-timeout", type=float, default=d.stop_timeout, metavar="SECONDS",
+                        help=f"after master's SIGTERM, SIGKILL what is left after this long and record "
+                             f"the stop as unclean (default {d.stop_timeout:g})")
+    parser.add_argument("--status-interval", type=float, default=d.status_interval, metavar="SECONDS",
+                        help=f"at most one STATUS= update per interval (default {d.status_interval:g})")
+    parser.add_argument("--reconcile", choices=RECONCILE_CHOICES, default=d.reconcile,
+                        help="after an unclean stop: auto = run `sync_client -A` per channel after READY "
+                             "and clear the marker on success; recommend = say so in STATUS and the "
+                             "journal; off = only `status` reports it (default recommend)")
+    parser.add_argument("--reconcile-timeout", type=float, default=d.reconcile_timeout, metavar="SECONDS",
+                        help=f"deadline for the whole reconcile (default {d.reconcile_timeout:g})")
+    parser.add_argument("--leftover-drain", choices=("auto", "off"), default="auto",
+                        help="sync log events found at start on a channel without a rolling sync_client: "
+                             "auto = run `cyrushelper drain` in the background after READY; off = only "
+                             "report them in STATUS (default auto)")
+    parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout, metavar="SECONDS",
+                        help=f"deadline for that background drain (default {d.drain_timeout:g})")
+
+
+def main(args: argparse.Namespace) -> int:
+    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
+    for warning in instance.warnings:
+        log.warning("%s", warning)
+    for name in ("start_timeout", "stop_timeout", "status_interval", "reconcile_timeout", "drain_timeout"):
+        if getattr(args, name) < 0:
+            log.error("--%s must not be negative", name.replace("_", "-"))
+            return exitcodes.USAGE
+    options = Options(start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
+                      status_interval=args.status_interval, reconcile=args.reconcile,
+                      reconcile_timeout=args.reconcile_timeout,
+                      leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout)
+    try:
+        return Supervisor(instance, options).run()
+    except RuntimeError as e:
+        log.error("%s", e)
+        return exitcodes.FAILURE
