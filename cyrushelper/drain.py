@@ -1,0 +1,684 @@
+"""`cyrushelper drain`: replicate every pending sync log of every channel, then stop.
+
+How Cyrus 3.6 reads a channel (imap/sync_client.c, imap/sync_log.c; checked by experiment):
+- `sync_client -C CONF [-n CHAN] -R -1` first connects to the replica, *then* takes one file:
+  `log-run` if it exists, else renames `log` to `log-run`; it replays it and unlinks it only on
+  success. So each call removes at most one file, and a failed batch leaves `log-run` behind.
+- Its exit code says nothing: 0 after a failed batch, 0 with nothing done. We judge by the files:
+  a run made progress when the file it took is gone.
+- With the replica down it never returns: it prints "Can not connect to server 'HOST', retrying
+  in 15 seconds" on stderr and sleeps (also when nothing is pending, and `-o` changes nothing).
+  That line is our "replica unreachable" signal: seen ~30 ms after start for a refused connection,
+  10 s for a replica that accepts but never greets. The run is killed; nothing was touched yet
+  (the rename only happens after the connection).
+- A present sync_shutdown_file makes the run exit at once, doing nothing, and deletes the file:
+  we pass `-F` with a path that can never exist, so the drain neither obeys nor eats it.
+- Cyrus's reader holds no lock while replaying, and two readers of one channel can unlink each
+  other's `log-run`: one drainer per channel (cyrushelper.locks) and no Cyrus rolling client on
+  the channel (we look in /proc and refuse with LOCKED while one runs).
+- Legacy `log-<pid>` files (Cyrus ≤ 2.4) are never read by a modern sync_client. `sync_client
+  -r -f FILE` replays one but never removes it, and its exit status is the error code modulo 256
+  (IMAP_INTERNAL is 0 then), so removing it afterwards would trust the exit code. Instead, when no
+  `log-run` exists, we rename the legacy file to `log-run` (link + unlink: never overwrites) and
+  let Cyrus's own reader replay it and remove it after success, as for any other file.
+
+Draining while master runs is safe (writers append to a fresh `log`), only slower to finish:
+the drain chases new events until its deadline. The stop path runs it after master is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cyrushelper import exitcodes, synclog
+from cyrushelper.atomic import write_atomic
+from cyrushelper.config import Channel, ConfigError, Instance, cyrus_bin_dir
+from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path, give_to_owner_of, state_dir
+from cyrushelper.notify import Notifier, Pulse, strip_notify_env
+
+log = logging.getLogger("cyrushelper.drain")
+
+DEFAULT_DEADLINE = 300.0
+DEFAULT_LOCK_WAIT = 10.0
+MAX_FAILED_RUNS = 3            # runs in a row that answered but removed nothing -> SYNC_FAILED
+UNREACHABLE_MARKER = "Can not connect to server"
+# stat() of a path below /dev/null fails with ENOTDIR: a sync_shutdown_file that can never exist
+NO_SHUTDOWN_FILE = "/dev/null/cyrushelper-drain-ignores-sync_shutdown_file"
+KILL_GRACE = 2.0               # SIGTERM -> SIGKILL of a sync_client we give up on
+STATUS_INTERVAL = 0.5
+OUTPUT_LINES_KEPT = 50         # of one sync_client run, for messages
+LAST_DRAIN_FILE = "last-drain.json"
+# sync_client getopt string (imap/sync_client.c, 3.6): options followed by ':' take a value
+_SYNC_CLIENT_OPTS = "C:vlLS:F:f:w:t:d:n:rRNumsozOAp:1"
+
+# what a channel ended as -> exit code; with several channels failing, the first of
+# PRECEDENCE present is the command's exit code
+RESULT_CODES = {
+    "drained": exitcodes.OK,
+    "skipped": exitcodes.OK,
+    "unreachable": exitcodes.REPLICA_UNREACHABLE,
+    "sync_failed": exitcodes.SYNC_FAILED,
+    "locked": exitcodes.LOCKED,
+    "deadline": exitcodes.DEADLINE,
+    "interrupted": exitcodes.DEADLINE,
+    "config": exitcodes.CONFIG,
+    "error": exitcodes.FAILURE,
+}
+PRECEDENCE = ("config", "error", "unreachable", "sync_failed", "locked", "deadline", "interrupted")
+
+
+@dataclass
+class ChannelResult:
+    channel: str
+    sync_dir: str
+    replica: str
+    result: str = "drained"
+    lines_before: int = 0
+    lines_after: int = 0
+    files_after: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    runs: int = 0
+    message: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return RESULT_CODES[self.result]
+
+
+@dataclass
+class DrainReport:
+    instance: str
+    started: str
+    seconds: float
+    exit_code: int
+    channels: list[ChannelResult]
+    service: dict | None = None
+    master_pid: int | None = None
+
+    @property
+    def result(self) -> str:
+        for name in PRECEDENCE:
+            if any(c.result == name for c in self.channels):
+                return name
+        return "drained"
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["result"] = self.result
+        for c, d in zip(self.channels, data["channels"]):
+            d["exit_code"] = c.exit_code
+        return data
+
+
+# --------------------------------------------------------------------------- which channels
+
+def squatter_channels(instance: Instance) -> set[str]:
+    """Channels a rolling squatter consumes (`squatter -R [-n CHAN]`, default channel "squatter")."""
+    names = {"squatter"}
+    for entry in instance.cyrus.by_program("squatter"):
+        if entry.channel:
+            names.add(entry.channel)
+    return names
+
+
+def not_replicated_reason(instance: Instance, channel: Channel) -> str | None:
+    """Why sync_client must not read this channel, or None if it is a replication channel."""
+    if channel.name is not None and channel.name in squatter_channels(instance) \
+            and not instance.imapd.get(f"{channel.name}_sync_host"):
+        return "read by squatter, not by sync_client"
+    if not channel.host:
+        return "no sync_host for this channel"
+    return None
+
+
+def select_channels(instance: Instance, wanted: list[str] | None) -> list[Channel]:
+    """Every channel of sync_log_channels (even with sync_log off: old files still count)."""
+    channels = instance.imapd.channels
+    if not wanted:
+        return channels
+    by_label = {c.label: c for c in channels}
+    chosen = []
+    for name in wanted:
+        ch = by_label.get("default" if name in ('""', "") else name)
+        if ch is None:
+            path, line = instance.imapd.where("sync_log_channels")
+            raise ConfigError(path, line, f"no channel {name!r} in sync_log_channels "
+                                          f"(have: {', '.join(by_label)})")
+        if ch not in chosen:
+            chosen.append(ch)
+    return chosen
+
+
+# --------------------------------------------------------------------------- other readers
+
+def _parse_sync_client_argv(argv: list[str]) -> dict[str, str | bool] | None:
+    """getopt(3) over sync_client's option string; None if the words are not options it takes.
+
+    argv[0] is the sync_client word; the options follow it.
+    """
+    opts: dict[str, str | bool] = {}
+    i = 1
+    while i < len(argv):
+        word = argv[i]
+        if word == "--" or not word.startswith("-") or word == "-":
+            break
+        j = 1
+        while j < len(word):
+            letter = word[j]
+            k = _SYNC_CLIENT_OPTS.find(letter)
+            if k < 0 or letter == ":":
+                return None
+            if _SYNC_CLIENT_OPTS[k + 1:k + 2] == ":":
+                value = word[j + 1:]
+                if not value:
+                    i += 1
+                    if i >= len(argv):
+                        return None
+                    value = argv[i]
+                opts[letter] = value
+                break
+            opts[letter] = True
+            j += 1
+        i += 1
+    return opts
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [w.decode(errors="replace") for w in raw.split(b"\0") if w]
+
+
+def find_sync_readers(imapd_conf: os.PathLike | str, channel: str | None,
+                      exclude: set[int] = frozenset()) -> list[tuple[int, str]]:
+    """Live `sync_client -r/-R` processes (without -f) reading this config's `channel`.
+
+    They replay and unlink `log-run` without any lock, so a drain must not run beside them.
+    Best effort: processes in other PID namespaces are invisible.
+    """
+    mine = os.path.realpath(imapd_conf)
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid in exclude or pid == os.getpid():
+            continue
+        argv = _cmdline(pid)
+        # the first word naming sync_client: also catches wrappers (`cyrus sync_client …`,
+        # `flock F sync_client …`, an interpreter running a script called sync_client)
+        start = next((i for i, w in enumerate(argv) if os.path.basename(w) == "sync_client"), None)
+        if start is None:
+            continue
+        opts = _parse_sync_client_argv(argv[start:])
+        if opts is None or not (opts.get("r") or opts.get("R")) or opts.get("f"):
+            continue
+        if opts.get("n") != channel and not (channel is None and opts.get("n") is None):
+            continue
+        conf = str(opts.get("C") or "/etc/imapd.conf")
+        if not os.path.isabs(conf):
+            try:
+                conf = os.path.join(os.readlink(f"/proc/{pid}/cwd"), conf)
+            except OSError:
+                continue
+        if os.path.realpath(conf) == mine:
+            found.append((pid, " ".join(argv)))
+    return found
+
+
+def master_pid(instance: Instance) -> int | None:
+    """PID of this instance's running master, from its pid file (None if not running)."""
+    try:
+        pid = int(instance.pid_file.read_text().split()[0])
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if comm == "master" else None
+
+
+# --------------------------------------------------------------------------- files
+
+def adopt_legacy_log(channel: Channel) -> Path | None:
+    """Turn the oldest legacy `log-<pid>` into `log-run`, if no `log-run` exists. Never overwrites."""
+    legacy = synclog.legacy_logs(channel.sync_dir)
+    if not legacy or channel.log_run.exists():
+        return None
+    source = legacy[0]
+    try:
+        os.link(source, channel.log_run)  # fails with EEXIST instead of replacing a log-run
+    except FileExistsError:
+        return None
+    give_to_owner_of(channel.log_run, channel.sync_dir)  # sync_client (as cyrus) opens it read-write
+    # a crash between link and unlink leaves both names: the events are replayed twice, harmlessly
+    os.unlink(source)
+    log.info("channel %s: replaying legacy %s as %s", channel.label, source.name, channel.log_run.name)
+    return source
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _tcp_probe(host: str | None, port: str | None, timeout: float = 1.0) -> bool | None:
+    """Can we open a TCP connection to the replica? None when the port is not known."""
+    if not host or not port:
+        return None
+    try:
+        number = int(port) if port.isdigit() else socket.getservbyname(port, "tcp")
+    except OSError:
+        return None
+    try:
+        with socket.create_connection((host, number), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- one sync_client run
+
+@dataclass
+class RunOutcome:
+    how: str                 # exited | unreachable | timeout | interrupted
+    returncode: int | None
+    output: list[str]
+
+    def last_words(self, n: int = 3) -> str:
+        return " | ".join(line for line in self.output[-n:] if line) or "(no output)"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the child's process group, SIGKILL it if still there after KILL_GRACE."""
+    # only this thread reaps proc, so while poll() is None its PID (= group id) is still ours
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=KILL_GRACE)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+def run_sync_client(cmd: list[str], timeout: float, stop: threading.Event,
+                    pass_fds: tuple[int, ...] = ()) -> RunOutcome:
+    """Run one sync_client in its own session (NOTIFY_SOCKET stripped) under our own timeout."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=strip_notify_env(dict(os.environ)),
+                            start_new_session=True, pass_fds=pass_fds)
+    output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
+    wake = threading.Event()
+    flags = {"unreachable": False, "eof": False}
+
+    def read_output():
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            output.append(line)
+            if UNREACHABLE_MARKER in line:
+                flags["unreachable"] = True
+                wake.set()
+        flags["eof"] = True
+        wake.set()
+
+    reader = threading.Thread(target=read_output, name="sync_client-output", daemon=True)
+    reader.start()
+    end = time.monotonic() + timeout
+    how = "exited"
+    try:
+        while True:
+            if flags["unreachable"]:
+                how = "unreachable"
+                break
+            if flags["eof"] or proc.poll() is not None:
+                break
+            if stop.is_set():
+                how = "interrupted"
+                break
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                how = "timeout"
+                break
+            # output EOF wakes us at once; the tick only bounds how late a stop request is seen
+            wake.wait(min(remaining, 0.2))
+            wake.clear()
+    finally:
+        if how != "exited":
+            _kill_group(proc)
+        proc.wait()
+        reader.join(timeout=1.0)
+        proc.stdout.close()
+    return RunOutcome(how, proc.returncode, list(output))
+
+
+# --------------------------------------------------------------------------- one channel
+
+class _ChannelDrainer:
+    def __init__(self, instance: Instance, channel: Channel, sync_client: Path, end: float,
+                 per_run_timeout: float | None, lock_wait: float, stop: threading.Event):
+        self.instance, self.channel, self.sync_client = instance, channel, sync_client
+        self.end, self.per_run_timeout, self.lock_wait, self.stop = end, per_run_timeout, lock_wait, stop
+        self.result = ChannelResult(channel.label, str(channel.sync_dir), channel.replica_address)
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def command(self) -> list[str]:
+        cmd = [str(self.sync_client), "-C", str(self.instance.imapd.path)]
+        if self.channel.name is not None:
+            cmd += ["-n", self.channel.name]
+        return cmd + ["-F", NO_SHUTDOWN_FILE, "-R", "-1"]
+
+    def run(self) -> ChannelResult:
+        t0 = time.monotonic()
+        res = self.result
+        res.lines_before = synclog.backlog(self.channel).lines
+        try:
+            self._drain()
+        except Exception as e:  # noqa: BLE001 -- a bug must still leave a clear result line
+            log.exception("channel %s: unexpected error", self.channel.label)
+            res.result, res.message = "error", f"unexpected error: {e}"
+        after = synclog.backlog(self.channel)
+        res.lines_after, res.files_after = after.lines, list(after.files)
+        res.seconds = round(time.monotonic() - t0, 3)
+        return res
+
+    def _set(self, result: str, message: str) -> None:
+        self.result.result, self.result.message = result, message
+
+    def _drain(self) -> None:
+        ch = self.channel
+        if not synclog.pending_files(ch):
+            return
+        reason = not_replicated_reason(self.instance, ch)
+        if reason:
+            self._set("skipped", reason)
+            return
+        if not os.access(self.sync_client, os.X_OK):
+            self._set("config", f"{self.sync_client} not found or not executable "
+                                "(install Cyrus's replication package or set CYRUSHELPER_CYRUS_BINDIR)")
+            return
+        lock = ChannelLock(channel_lock_path(self.instance.imapd.configdirectory, ch.name))
+        try:
+            lock.acquire(wait=max(0.0, min(self.lock_wait, self.remaining())))
+        except LockBusy as e:
+            self._set("locked", f"another drainer holds the channel lock ({e})")
+            return
+        try:
+            self._loop(lock)
+        finally:
+            lock.release()
+
+    def _wait_for_other_readers(self) -> bool:
+        deadline = time.monotonic() + max(0.0, min(self.lock_wait, self.remaining()))
+        while True:
+            readers = find_sync_readers(self.instance.imapd.path, self.channel.name)
+            if not readers:
+                return True
+            if time.monotonic() >= deadline or self.stop.is_set():
+                pid, cmd = readers[0]
+                self._set("locked", f"a rolling sync_client reads this channel (PID {pid}: {cmd}); "
+                                    "stop it (or master) first")
+                return False
+            time.sleep(0.2)
+
+    def _loop(self, lock: ChannelLock) -> None:
+        ch = self.channel
+        failed_runs = 0
+        answered = False  # has the replica answered a run of this drain?
+        while True:
+            if answered:  # only then touch a legacy file: with the replica down all stays as it was
+                adopt_legacy_log(ch)  # it becomes log-run whenever no log-run exists
+            has_work = ch.log_run.exists() or ch.log.exists()
+            if not has_work and not synclog.legacy_logs(ch.sync_dir):
+                return  # drained
+            if self.stop.is_set():
+                self._set("interrupted", "interrupted by a signal; events kept for the next drain")
+                return
+            remaining = self.remaining()
+            if remaining <= 0:
+                self._give_up_at_deadline(None)
+                return
+            if not self._wait_for_other_readers():
+                return
+            # with only legacy files left, this run finds nothing to take: it just proves the
+            # replica answers (sync_client -R -1 connects before looking at the files)
+            target = (ch.log_run if ch.log_run.exists() else ch.log) if has_work else None
+            target_inode = _inode(target) if target else None
+            timeout = remaining if self.per_run_timeout is None else min(self.per_run_timeout, remaining)
+            self.result.runs += 1
+            outcome = run_sync_client(self.command(), timeout, self.stop, pass_fds=(lock.fd,))
+            log.debug("channel %s: run %d %s rc=%s: %s", ch.label, self.result.runs, outcome.how,
+                      outcome.returncode, outcome.last_words())
+            if outcome.how == "unreachable":
+                self._set("unreachable", f"sync_client: {outcome.last_words(1)}")
+                return
+            if outcome.how == "exited" and outcome.returncode == 0:
+                answered = True
+            if target is not None and self._progressed(target, target_inode):
+                failed_runs = 0
+                continue
+            if outcome.how == "interrupted":
+                self._set("interrupted", "interrupted by a signal; events kept for the next drain")
+                return
+            if outcome.how == "timeout" and self.remaining() <= 0:
+                self._give_up_at_deadline(outcome)
+                return
+            if outcome.how == "exited" and outcome.returncode == 78:  # EX_CONFIG: Cyrus refused it
+                self._set("config", f"sync_client refused the configuration: {outcome.last_words()}")
+                return
+            if target is None and answered:
+                continue  # the probe run: legacy files are adopted next
+            failed_runs += 1  # answered but removed nothing, or a per-run timeout
+            if failed_runs >= MAX_FAILED_RUNS:
+                self._set("sync_failed", f"{failed_runs} runs in a row removed nothing (last exit "
+                                         f"{outcome.returncode}, {outcome.how}: {outcome.last_words()}); "
+                                         "see Cyrus's syslog for 'Processing sync log file ... failed'")
+                return
+            time.sleep(min(0.5 * failed_runs, max(0.0, self.remaining())))
+
+    def _progressed(self, target: Path, target_inode: int | None) -> bool:
+        """Did the run replay and remove the file it took? (log-run first, else log renamed to it)"""
+        if target_inode is None:
+            return True  # the file vanished before the run: someone else replayed it
+        return _inode(self.channel.log_run) != target_inode and _inode(target) != target_inode
+
+    def _give_up_at_deadline(self, outcome: RunOutcome | None) -> None:
+        reachable = _tcp_probe(self.channel.host, self.channel.port)
+        if reachable is False:
+            self._set("unreachable", "no TCP connection to the replica before the deadline")
+        else:
+            said = f" (sync_client: {outcome.last_words(1)})" if outcome and outcome.output else ""
+            self._set("deadline", f"deadline reached with work left{said}")
+
+
+# --------------------------------------------------------------------------- the whole drain
+
+def _status_line(channels: list[Channel]) -> str:
+    parts = [f"{c.label}={synclog.backlog(c).lines}" for c in channels]
+    return "drain: " + " ".join(parts) + " lines left"
+
+
+def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeout: float | None = None,
+          progress=None, channels: list[str] | None = None, bindir: os.PathLike | str | None = None,
+          lock_wait: float = DEFAULT_LOCK_WAIT, stop: threading.Event | None = None,
+          service: dict | None = None, record: bool = True) -> DrainReport:
+    """Drain every channel (in parallel, one thread each) within `deadline` seconds.
+
+    `progress(status_text)` is called every STATUS_INTERVAL while work remains (e.g. a
+    notify.Pulse: STATUS= plus EXTEND_TIMEOUT_USEC=). `stop` (an Event) interrupts early.
+    Raises ConfigError for a channel name not in sync_log_channels.
+    """
+    chosen = select_channels(instance, channels)
+    sync_client = Path(bindir or cyrus_bin_dir()) / "sync_client"
+    stop = stop or threading.Event()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.monotonic()
+    end = t0 + deadline
+    mpid = master_pid(instance)
+    if mpid:
+        log.warning("master (PID %d) is running: the drain may chase new events until its deadline", mpid)
+    drainers = [_ChannelDrainer(instance, ch, sync_client, end, per_run_timeout, lock_wait, stop)
+                for ch in chosen]
+    results: list[ChannelResult | None] = [None] * len(drainers)
+
+    def work(i: int) -> None:
+        results[i] = drainers[i].run()
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"drain-{d.channel.label}")
+               for i, d in enumerate(drainers)]
+    for t in threads:
+        t.start()
+    last_status = None
+    while alive := [t for t in threads if t.is_alive()]:
+        if progress is not None:
+            status = _status_line(chosen)
+            progress(status if status != last_status else None)  # None: only the EXTEND pulse
+            last_status = status
+        alive[0].join(STATUS_INTERVAL)
+    final = [r for r in results if r is not None]
+    report = DrainReport(instance.name, started, round(time.monotonic() - t0, 3), exitcodes.OK, final,
+                         service=service, master_pid=mpid)
+    report.exit_code = RESULT_CODES[report.result]
+    if progress is not None:
+        progress(_status_line(chosen).replace("drain:", f"drain {report.result}:"))
+    _log_results(report)
+    if record:
+        try:
+            write_last_drain(instance, report)
+        except OSError as e:
+            log.warning("could not record the drain result: %s", e)
+    return report
+
+
+def _log_results(report: DrainReport) -> None:
+    for r in report.channels:
+        if r.result == "drained":
+            if r.lines_before:
+                log.info("channel %s: drained %d lines to %s in %.2f s (%d runs)",
+                         r.channel, r.lines_before, r.replica, r.seconds, r.runs)
+        elif r.result == "skipped":
+            log.warning("channel %s: %d lines left in %s, not drained: %s", r.channel, r.lines_after,
+                        r.sync_dir, r.message)
+        elif r.result == "unreachable":
+            log.error("channel %s: replica %s unreachable, %d lines kept in %s (%s); the next start "
+                      "or `cyrushelper drain` replays them: %s", r.channel, r.replica, r.lines_after,
+                      r.sync_dir, " ".join(r.files_after), r.message)
+        else:
+            log.error("channel %s: %s, %d lines kept in %s (%s) for replica %s: %s", r.channel,
+                      r.result.replace("_", " "), r.lines_after, r.sync_dir, " ".join(r.files_after),
+                      r.replica, r.message)
+
+
+def last_drain_path(instance: Instance) -> Path:
+    return instance.imapd.configdirectory / "cyrushelper" / LAST_DRAIN_FILE
+
+
+def write_last_drain(instance: Instance, report: DrainReport) -> Path:
+    """Atomically replace `{configdirectory}/cyrushelper/last-drain.json` (read by `status`)."""
+    target = state_dir(instance.imapd.configdirectory) / LAST_DRAIN_FILE
+    write_atomic(target, json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
+    give_to_owner_of(target, target.parent)
+    return target
+
+
+def read_last_drain(instance: Instance) -> dict | None:
+    try:
+        return json.loads(last_drain_path(instance).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- command line
+
+EPILOG_EXTRA = """
+drain decides by the files, never by sync_client's exit code: 0 means every channel's log and
+log-run (and legacy log-<pid>) files are gone. Failing channels keep every event. With several
+channels failing differently the exit code is the first of 78, 1, 69, 76, 73, 75 that applies.
+A channel lock held by another drainer is waited for up to --lock-wait seconds, then 73.
+The result is also written to {configdirectory}/cyrushelper/last-drain.json.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    from cyrushelper import cli
+    cli.add_config_arguments(parser)
+    parser.epilog = (parser.epilog or "") + "\n" + EPILOG_EXTRA
+    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, metavar="SECONDS",
+                        help=f"give up (exit 75, events kept) after this long (default {DEFAULT_DEADLINE:g})")
+    parser.add_argument("--per-run-timeout", type=float, default=None, metavar="SECONDS",
+                        help="bound one sync_client run (default: the rest of the deadline)")
+    parser.add_argument("--lock-wait", type=float, default=DEFAULT_LOCK_WAIT, metavar="SECONDS",
+                        help="wait this long for another drainer or rolling sync_client "
+                             f"of a channel to finish, then exit 73 (default {DEFAULT_LOCK_WAIT:g})")
+    parser.add_argument("--channel", action="append", metavar="NAME",
+                        help="drain only this channel ('default' for the unnamed one); repeatable")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    parser.add_argument("--from-systemd", action="store_true",
+                        help="running as the unit's ExecStopPost: log $SERVICE_RESULT/$EXIT_CODE/"
+                             "$EXIT_STATUS and warn when the main process did not stop cleanly")
+
+
+def service_outcome(environ: Mapping[str, str] = os.environ) -> dict:
+    return {"result": environ.get("SERVICE_RESULT"), "exit_code": environ.get("EXIT_CODE"),
+            "exit_status": environ.get("EXIT_STATUS")}
+
+
+def _report_service(service: dict) -> None:
+    if service["result"] is None:
+        log.warning("--from-systemd but $SERVICE_RESULT is not set: not run as ExecStopPost?")
+        return
+    log.info("main process ended: SERVICE_RESULT=%s EXIT_CODE=%s EXIT_STATUS=%s",
+             service["result"], service["exit_code"], service["exit_status"])
+    if service["result"] != "success":
+        log.warning("the service did not stop cleanly (%s): events of the last moments may be missing "
+                    "from the sync log; reconcile with `sync_client -A` once the replica is reachable",
+                    service["result"])
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.deadline <= 0 or (args.per_run_timeout is not None and args.per_run_timeout <= 0) \
+            or args.lock_wait < 0:
+        log.error("--deadline and --per-run-timeout must be > 0, --lock-wait >= 0")
+        return exitcodes.USAGE
+    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
+    service = service_outcome() if args.from_systemd else None
+    if service is not None:
+        _report_service(service)
+    notifier = Notifier()
+    pulse = Pulse(notifier, extend=30.0, interval=5.0) if notifier.enabled else None
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        report = drain(instance, deadline=args.deadline, per_run_timeout=args.per_run_timeout,
+                       progress=pulse, channels=args.channel, lock_wait=args.lock_wait, stop=stop,
+                       service=service)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    return report.exit_code
