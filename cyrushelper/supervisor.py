@@ -245,6 +245,7 @@ def rolling_channels(instance: Instance) -> set[str]:
 class Options:
     start_timeout: float = 120.0
     stop_timeout: float = 30.0
+    master_alone_grace: float = 3.0
     status_interval: float = 0.5
     extend_interval: float = 5.0
     reconcile: str = "recommend"
@@ -478,20 +479,48 @@ class Supervisor:
         return result
 
     def wait_session(self, deadline: float, pulse: Pulse, t0: float) -> dict:
+        alone_since = None
         while True:
             exited = self.master_exit()
             left = self.session_left()
             if exited is not None and not left:
                 return {"result": "clean", "seconds": round(time.monotonic() - t0, 3),
                         "master_exit": list(exited)}
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            if exited is None and not left:
+                alone_since = alone_since or now
+                if now - alone_since >= self.options.master_alone_grace:
+                    return self.kill_hung_master(t0)
+            else:
+                alone_since = None
+            remaining = deadline - now
             if remaining <= 0:
                 return self.escalate(exited, left, t0)
             n = len(left)
             pulse(f"stopping: {'master and ' if exited is None else ''}{n} children left")
-            for signum in self.loop.poll(min(remaining, 1.0)):
+            timeout = min(remaining, 1.0)
+            if alone_since is not None:
+                timeout = min(timeout, 0.2)
+            for signum in self.loop.poll(timeout):
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("signal %d while stopping: ignored (master gets exactly one SIGTERM)", signum)
+
+    def kill_hung_master(self, t0: float) -> dict:
+        """Every child has exited, but master does not: Cyrus ≤ 3.12 can spin at shutdown while
+        connections wait on its listen sockets (pselect never delivers the pending SIGCHLD,
+        cyrus-imapd #5309). Master writes no replication events itself and all its children
+        finished their work, so SIGKILL to master alone loses nothing: the stop stays clean."""
+        log.warning("master %d still running %.0fs after its last child exited (Cyrus shutdown hang, "
+                    "cyrus-imapd #5309): SIGKILL to master; all children had exited, nothing is lost",
+                    self.master_pid, self.options.master_alone_grace)
+        proc.signal_pids([self.master_pid], signal.SIGKILL)
+        for _ in range(50):
+            if self.master_exit() is not None:
+                break
+            time.sleep(0.1)
+        return {"result": "clean", "seconds": round(time.monotonic() - t0, 3),
+                "master_exit": list(self.master_exit() or (None, signal.SIGKILL)),
+                "master_hung_after_children": True}
 
     def escalate(self, exited, left: list[int], t0: float) -> dict:
         who = ("master and " if exited is None else "") + (self._describe(left) or "no children")
@@ -620,6 +649,10 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--stop-timeout", type=float, default=d.stop_timeout, metavar="SECONDS",
                         help=f"after master's SIGTERM, SIGKILL what is left after this long and record "
                              f"the stop as unclean (default {d.stop_timeout:g})")
+    parser.add_argument("--master-alone-grace", type=float, default=d.master_alone_grace, metavar="SECONDS",
+                        help="when every child has exited but master has not after this long (Cyrus "
+                             "shutdown hang, cyrus-imapd #5309), SIGKILL master alone; the stop stays "
+                             f"clean because no child was cut short (default {d.master_alone_grace:g})")
     parser.add_argument("--status-interval", type=float, default=d.status_interval, metavar="SECONDS",
                         help=f"at most one STATUS= update per interval (default {d.status_interval:g})")
     parser.add_argument("--reconcile", choices=RECONCILE_CHOICES, default=d.reconcile,
@@ -640,11 +673,12 @@ def main(args: argparse.Namespace) -> int:
     instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
     for warning in instance.warnings:
         log.warning("%s", warning)
-    for name in ("start_timeout", "stop_timeout", "status_interval", "reconcile_timeout", "drain_timeout"):
+    for name in ("start_timeout", "stop_timeout", "master_alone_grace", "status_interval", "reconcile_timeout", "drain_timeout"):
         if getattr(args, name) < 0:
             log.error("--%s must not be negative", name.replace("_", "-"))
             return exitcodes.USAGE
     options = Options(start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
+                      master_alone_grace=args.master_alone_grace,
                       status_interval=args.status_interval, reconcile=args.reconcile,
                       reconcile_timeout=args.reconcile_timeout,
                       leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout)

@@ -23,7 +23,7 @@ from cyrushelper import exitcodes, proc
 from cyrushelper.lab.pair import CyrusPair, Ports, port_free
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))  # the fake NOTIFY_SOCKET lives there
-from test_supervisor_fakes import NotifySocket  # noqa: E402
+from tests.unit.test_supervisor_fakes import NotifySocket  # noqa: E402
 
 pytestmark = pytest.mark.system
 

@@ -12,7 +12,7 @@ import pytest
 
 from cyrushelper import exitcodes, fence
 from cyrushelper.config import Instance
-from test_supervisor_fakes import FakeCyrus
+from tests.unit.test_supervisor_fakes import FakeCyrus
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
-from test_supervisor_fakes import NotifySocket
+from tests.unit.test_supervisor_fakes import NotifySocket
 
 
 @pytest.fixture

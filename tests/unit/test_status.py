@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cyrushelper import proc
-from test_supervisor_fakes import FakeCyrus
+from tests.unit.test_supervisor_fakes import FakeCyrus
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import exitcodes, proc
-from test_supervisor_fakes import FakeCyrus, NotifySocket
+from tests.unit.test_supervisor_fakes import FakeCyrus, NotifySocket
 
 
 @pytest.fixture
