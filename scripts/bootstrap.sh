@@ -23,7 +23,9 @@ if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-PY=${PYTHON:-python3}
+# Debian's own interpreter by default: units run the helper under ProtectHome=yes, so a venv whose
+# python lives in /root (pyenv) would be invisible to them. PYTHON=... picks another one.
+PY=${PYTHON:-/usr/bin/python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
