@@ -1,0 +1,92 @@
+"""`python -m cyrushelper.lab COMMAND`: the test bed's steps as commands, so a scenario can run
+them inside a throwaway systemd container (where the pair's loopback network lives).
+
+  create ROOT [--port-base N] [--rolling] [--channels a,b]   build a primary+replica pair
+  load ROOT --record FILE [--seconds S] [--users alice,bob]  LMTP load until SIGTERM or S seconds
+  deliver ROOT --record FILE --count N [--user alice]         N messages on one LMTP connection
+  verify ROOT --record FILE [...]                              acknowledged vs present on the replica (JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from cyrushelper.lab.mail import LmtpLoad, compare_storage, deliver_lmtp, verify_on_replica
+from cyrushelper.lab.pair import CyrusPair
+
+
+def _pair(args) -> CyrusPair:
+    channels = args.channels.split(",") if getattr(args, "channels", None) else None
+    return CyrusPair(args.root, port_base=args.port_base, rolling=getattr(args, "rolling", False),
+                     channels=channels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cyrushelper.lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("create", "load", "deliver", "verify"):
+        p = sub.add_parser(name)
+        p.add_argument("root")
+        p.add_argument("--port-base", type=int, default=11000)
+        if name == "create":
+            p.add_argument("--rolling", action="store_true")
+            p.add_argument("--channels", help="comma-separated sync_log_channels ('\"\"' = default)")
+        if name in ("load", "deliver", "verify"):
+            p.add_argument("--record", action="append", required=True)
+        if name == "load":
+            p.add_argument("--seconds", type=float, default=60)
+            p.add_argument("--users", default="alice,bob")
+            p.add_argument("--pause", type=float, default=0.0, help="seconds between messages per user")
+        if name == "deliver":
+            p.add_argument("--count", type=int, required=True)
+            p.add_argument("--user", default="alice")
+            p.add_argument("--tag", default="backlog")
+        if name == "verify":
+            p.add_argument("--storage", action="store_true", help="also compare UID+GUID per mailbox")
+    args = parser.parse_args(argv)
+    pair = _pair(args)
+
+    if args.command == "create":
+        pair.create()
+        print(json.dumps({"root": str(pair.root), "primary_imapd_conf": str(pair.primary_imapd_conf),
+                          "replica_imapd_conf": str(pair.replica_imapd_conf)}))
+        return 0
+
+    if args.command == "deliver":
+        n = deliver_lmtp(pair.ports.primary_lmtp, args.user, args.count, args.tag, args.record[0])
+        print(json.dumps({"acknowledged": n}))
+        return 0
+
+    if args.command == "load":
+        stopped = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *a: stopped.set())
+        load = LmtpLoad(pair.ports.primary_lmtp, args.users.split(","), args.record[0],
+                        max_seconds=args.seconds, max_messages=10**7, pause=args.pause).start()
+        while load.running and not stopped.wait(0.2):
+            pass
+        stats = load.stop()
+        print(json.dumps({"acknowledged": stats.acknowledged, "failed": stats.failed,
+                          "connect_failures": stats.connect_failures}), flush=True)
+        return 0
+
+    if args.command == "verify":
+        report = verify_on_replica(pair.ports.replica_imap, args.record)
+        result = {"acknowledged": report.acknowledged, "present": report.present,
+                  "missing": len(report.missing), "missing_sample": report.missing[:10],
+                  "summary": report.summary()}
+        if args.storage:
+            storage = compare_storage(pair.primary_imapd_conf, pair.replica_imapd_conf)
+            result["storage_identical"] = storage.identical
+            result["storage_summary"] = storage.summary()
+        print(json.dumps(result))
+        return 0 if report.ok else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
