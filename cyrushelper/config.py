@@ -1,7 +1,10 @@
 """The Cyrus configuration model: the one place cyrushelper learns paths and settings from.
 
-Two parsers mirror what Cyrus itself accepts (lib/libconfig.c for imapd.conf, master/masterconf.c
-for cyrus.conf), so a file we accept is a file Cyrus accepts and every refusal names file:line.
+Two parsers mirror what Cyrus itself reads (lib/libconfig.c config_read_file for imapd.conf,
+master/masterconf.c for cyrus.conf, checked against 3.6.1 and 3.13). Whatever Cyrus refuses we
+refuse too; where Cyrus silently ignores or misreads something (a section whose '{' is on the next
+line, a relative @include, an unbalanced brace) we refuse it as well, because a stop path built on a
+misread configuration loses events. Every refusal is a ConfigError whose text is "path:line: message".
 `Instance` joins both files and derives what the stop path needs: the sync directory of every
 channel, the pid file, the ready signal, the sync_client/sync_server entries and the listeners.
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,9 @@ CYRUS_BIN_DIRS = ("/usr/lib/cyrus/bin", "/usr/libexec/cyrus-imapd", "/usr/lib/cy
                   "/usr/local/libexec/cyrus-imapd")
 
 SECTIONS = ("START", "SERVICES", "EVENTS", "DAEMON")
+
+# Cyrus's Uisspace(): C isspace() in the C locale. Python's str.strip() would also eat \x85, \xa0 …
+SPACE = " \t\n\v\f\r"
 
 _KEY_RE = re.compile(r"@?[A-Za-z0-9_-]*")
 
@@ -39,7 +44,8 @@ class ConfigError(Exception):
 
 
 def parse_switch(value: str) -> bool | None:
-    """Cyrus's boolean reading (config_parse_switch): only the first one or two characters count."""
+    """Cyrus's boolean reading (config_parse_switch): only the first one or two characters count,
+    case-sensitively: "yes", "true", "on", "1", "tomato" are true; "Yes" is an error."""
     if value[:1] in ("0", "n", "f") or value[:2] == "of":
         return False
     if value[:1] in ("1", "y", "t") or value[:2] == "on":
@@ -56,6 +62,24 @@ def cyrus_bin_dir() -> Path:
         if os.path.isfile(os.path.join(candidate, "master")):
             return Path(candidate)
     return Path(CYRUS_BIN_DIRS[0])
+
+
+def _read_lines(path: str, site: tuple[str, int | None] | None = None) -> list[str]:
+    """The file's lines split at '\\n' as fgets() sees them (the last item is what follows the last
+    newline). `site` is the (file, line) that named this file, for the error message."""
+    where = site or (path, None)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:  # ValueError: a NUL in an @include path
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(*where, f"cannot read {path}: {reason}") from None
+    lines = data.decode("utf-8", errors="surrogateescape").split("\n")
+    for number, line in enumerate(lines, 1):
+        if "\0" in line:
+            # C reads a line only up to a NUL: whatever follows it on the line would be lost.
+            raise ConfigError(path, number, "NUL byte in the line (Cyrus would ignore the rest of it)")
+    return lines
 
 
 # --------------------------------------------------------------------------- imapd.conf
@@ -97,6 +121,32 @@ class Channel:
         return f"{self.host}:{self.port}" if self.port else self.host
 
 
+# Options naming a directory a running Cyrus writes into, with the default Cyrus uses when unset.
+# temp_path (default /tmp) is listed only when set: the unit gives Cyrus a private /tmp.
+_WRITABLE_DIRS = {
+    "proc_path": "{configdirectory}/proc",
+    "mboxname_lockpath": "{configdirectory}/lock",
+    "sievedir": "/usr/sieve",
+    "temp_path": None,
+    "backup_staging_path": None,
+    "prometheus_stats_dir": None,
+}
+# Options naming a socket or file Cyrus creates: their directory must be writable.
+_WRITABLE_FILES = {
+    "lmtpsocket": "{configdirectory}/socket/lmtp",
+    "idlesocket": "{configdirectory}/socket/idle",
+    "notifysocket": "{configdirectory}/socket/notify",
+    "ptloader_sock": None,
+    "master_pid_file": "{configdirectory}/master.pid",
+    "master_ready_file": "{configdirectory}/master.ready",
+}
+# Spool partitions: partition-NAME, metapartition-NAME, archivepartition-NAME, backuppartition-NAME
+# and the Xapian tiers TIERsearchpartition-NAME. All are "overflow" options: no {configdirectory}.
+_PARTITION_KEY_RE = re.compile(r"(?:meta|archive|backup|[a-z0-9_]*search)?partition-.+")
+_CHANNEL_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_CONFIGDIR = "{configdirectory}"
+
+
 class ImapdConf:
     """Parsed imapd.conf: options keyed by lower-case name, each remembering file and line."""
 
@@ -119,12 +169,19 @@ class ImapdConf:
             return default
         value = parse_switch(opt.value)
         if value is None:
-            raise ConfigError(opt.path, opt.line, f"'{key}' is not a boolean: {opt.value!r}")
+            raise ConfigError(opt.path, opt.line, f"'{key}' is not a boolean: {opt.value!r} (Cyrus reads "
+                                                  "yes/no, true/false, on/off, 1/0, in lower case)")
         return value
 
-    def get_path(self, key: str, default: Path | None = None) -> Path | None:
+    def get_path(self, key: str, default: Path | str | None = None) -> Path | None:
+        """An absolute path option; a leading {configdirectory} in it or in `default` is expanded."""
         value = self.get(key)
-        return Path(self._expand(value)) if value else default
+        if not value:
+            return Path(self._expand(str(default))) if default is not None else None
+        path = self._expand(value)
+        if not os.path.isabs(path):
+            raise ConfigError(*self.where(key), f"{key} must be an absolute path, got {value!r}")
+        return Path(path)
 
     def channel_get(self, channel: str | None, key: str) -> str | None:
         """Per-channel options are `<channel>_<key>`, falling back to the plain key."""
@@ -135,8 +192,11 @@ class ImapdConf:
         return self.get(key)
 
     def _expand(self, value: str) -> str:
-        # Newer Cyrus defaults use {configdirectory}; accept it in operator values too.
-        return value.replace("{configdirectory}", str(self.configdirectory))
+        # Cyrus replaces {configdirectory} only at the start of a value (case-insensitively) and
+        # only in its known options, never in overflow ones (partition-*, <channel>_*).
+        if value[:len(_CONFIGDIR)].lower() == _CONFIGDIR:
+            return str(self.configdirectory) + value[len(_CONFIGDIR):]
+        return value
 
     # -- derived facts
     @property
@@ -157,16 +217,20 @@ class ImapdConf:
 
     @property
     def channel_names(self) -> list[str | None]:
-        """sync_log_channels as Cyrus reads it: `""` is the default channel; unset = default only."""
+        """sync_log_channels as Cyrus reads it (split at spaces): `""` is the default channel;
+        unset = the default channel only. Listing only named channels drops the default one."""
         raw = self.get("sync_log_channels")
         if raw is None:
             return [None]
         names: list[str | None] = []
-        for word in raw.split():
+        for word in raw.split(" "):
+            if not word:
+                continue
             name = None if word == '""' else word
-            if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            if name is not None and not _CHANNEL_NAME_RE.fullmatch(name):
                 path, line = self.where("sync_log_channels")
-                raise ConfigError(path, line, f"bad channel name {name!r} in sync_log_channels")
+                raise ConfigError(path, line, f"bad channel name {name!r} in sync_log_channels "
+                                              "(letters, digits, '_', '.', '-'; separate names by spaces)")
             if name not in names:
                 names.append(name)
         return names
@@ -179,23 +243,45 @@ class ImapdConf:
     def channels(self) -> list[Channel]:
         result = []
         for name in self.channel_names:
-            shutdown = self.channel_get(name, "sync_shutdown_file")
+            port_key = self._channel_key(name, "sync_port")
+            port = self.get(port_key)
+            if port is not None and not _valid_port(port):
+                raise ConfigError(*self.where(port_key),
+                                  f"{port_key} is neither a port number nor a service name: {port!r}")
             result.append(Channel(
                 name=name,
                 sync_dir=self.sync_dir / name if name else self.sync_dir,
                 host=self.channel_get(name, "sync_host"),
-                port=self.channel_get(name, "sync_port"),
-                shutdown_file=Path(self._expand(shutdown)) if shutdown else None,
+                port=port,
+                shutdown_file=self._shutdown_file(name),
             ))
         return result
 
+    def _channel_key(self, channel: str | None, key: str) -> str:
+        """The key sync_client reads for `channel`: `<channel>_<key>` if set, else `<key>`."""
+        if channel and self.get(f"{channel}_{key}") is not None:
+            return f"{channel}_{key}"
+        return key
+
+    def _shutdown_file(self, channel: str | None) -> Path | None:
+        key = self._channel_key(channel, "sync_shutdown_file")
+        value = self.get(key)
+        if value is None:
+            return None
+        if key != "sync_shutdown_file" and value[:len(_CONFIGDIR)].lower() == _CONFIGDIR:
+            raise ConfigError(*self.where(key), f"Cyrus does not expand {_CONFIGDIR} in per-channel "
+                                                f"options: write {key} as a full path")
+        return self.get_path(key)
+
     @property
     def master_pid_file(self) -> Path:
-        return self.get_path("master_pid_file", self.configdirectory / "master.pid")
+        # Option of Cyrus ≥ 3.10; older masters ignore it, so cyrushelper always passes `-p` itself.
+        return self.get_path("master_pid_file", _WRITABLE_FILES["master_pid_file"])
 
     @property
     def master_ready_file(self) -> Path:
-        return self.get_path("master_ready_file", self.configdirectory / "master.ready")
+        # Cyrus ≥ 3.10 only: older masters never create it.
+        return self.get_path("master_ready_file", _WRITABLE_FILES["master_ready_file"])
 
     @property
     def shutdown_fence_file(self) -> Path:
@@ -203,22 +289,37 @@ class ImapdConf:
 
     @property
     def proc_path(self) -> Path:
-        return self.get_path("proc_path", self.configdirectory / "proc")
+        return self.get_path("proc_path", _WRITABLE_DIRS["proc_path"])
+
+    def _partition_path(self, key: str) -> Path:
+        value = self.options[key].value
+        if not os.path.isabs(value):
+            hint = (f" (Cyrus does not expand {_CONFIGDIR} in partition options)"
+                    if value[:len(_CONFIGDIR)].lower() == _CONFIGDIR else "")
+            raise ConfigError(*self.where(key), f"{key} must be an absolute path, got {value!r}{hint}")
+        return Path(value)
 
     @property
     def writable_paths(self) -> list[Path]:
-        """Every directory a running instance writes to (for the unit's ReadWritePaths=)."""
-        paths = [self.configdirectory, *self.partitions.values()]
-        for key in ("proc_path", "mboxname_lockpath", "sievedir", "lmtpsocket", "idlesocket",
-                    "notifysocket", "tls_sessions_db_path", "duplicate_db_path", "statuscache_db_path",
-                    "ptscache_db_path", "tls_sessions_db_path", "metapartition-default"):
-            value = self.get(key)
-            if value:
-                path = Path(self._expand(value))
-                paths.append(path.parent if key.endswith("socket") or key.endswith("db_path") else path)
-        for key, opt in self.options.items():
-            if key.startswith(("metapartition-", "archivepartition-", "backuppartition-")):
-                paths.append(Path(opt.value))
+        """Every directory a running instance writes to (for the unit's ReadWritePaths=), in a
+        stable order without duplicates. Directories only: for a socket, database or pid file its
+        parent. Paths inside another listed one are kept (the unit may have to create them)."""
+        paths = [self.configdirectory]
+        paths += [self._partition_path(k) for k in self.options if _PARTITION_KEY_RE.fullmatch(k)]
+        for key, default in _WRITABLE_DIRS.items():
+            path = self.get_path(key, default)
+            if path is not None:
+                paths.append(path)
+        for key, default in _WRITABLE_FILES.items():
+            path = self.get_path(key, default)
+            if path is not None:
+                paths.append(path.parent)
+        for key in self.options:
+            if key.endswith("_db_path"):  # mboxlist, quota, duplicate, tls_sessions …: databases
+                paths.append(self.get_path(key).parent)
+        for channel in self.channels:  # sync_client deletes the shutdown file it found
+            if channel.shutdown_file is not None:
+                paths.append(channel.shutdown_file.parent)
         unique: list[Path] = []
         for p in paths:
             if p not in unique:
@@ -227,87 +328,123 @@ class ImapdConf:
 
 
 def parse_imapd_conf(path: os.PathLike | str, _seen: set[str] | None = None) -> ImapdConf:
-    """Parse imapd.conf exactly as Cyrus's config_read_file does (incl. `@include` and `\\` lines)."""
+    """Parse imapd.conf as Cyrus's config_read_file does (incl. `@include` and `\\` lines)."""
     path = str(path)
-    seen = _seen if _seen is not None else set()
-    if path in seen:
-        raise ConfigError(path, None, "configuration file included twice")
-    seen.add(path)
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            raw_lines = f.read().split("\n")
-    except OSError as e:
-        raise ConfigError(path, None, f"cannot read: {e.strerror}") from None
     options: dict[str, Option] = {}
-    lineno = 0
-    pending = ""
-    for raw in raw_lines:
-        lineno += 1
-        if raw.endswith("\\"):  # line continuation, joined as Cyrus does
-            pending += raw[:-1]
-            continue
-        text, pending = pending + raw, ""
-        stripped = text.lstrip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        m = _KEY_RE.match(stripped)
-        key = m.group(0)
-        rest = stripped[m.end():]
-        if not rest.startswith(":") or key in ("", "@"):
-            raise ConfigError(path, lineno, f"invalid option name (expected 'key: value'): {stripped[:60]!r}")
-        key = key.lower()
-        value = rest[1:].strip()
-        if not value:
-            raise ConfigError(path, lineno, f"option '{key}' has an empty value")
-        if key.startswith("@"):
-            if key != "@include":
-                raise ConfigError(path, lineno, f"invalid directive '{key}'")
-            include = value if os.path.isabs(value) else os.path.join(os.path.dirname(path), value)
-            included = parse_imapd_conf(include, seen)
-            for k, opt in included.options.items():
-                if k in options:
-                    raise ConfigError(opt.path, opt.line,
-                                      f"option '{k}' was specified twice (first at "
-                                      f"{options[k].path}:{options[k].line})")
-                options[k] = opt
-            continue
-        if key in options:
-            first = options[key]
-            raise ConfigError(path, lineno, f"option '{key}' was specified twice "
-                                            f"(first at {first.path}:{first.line}); Cyrus refuses this")
-        options[key] = Option(key, value, path, lineno)
+    _read_imapd_file(path, options, _seen if _seen is not None else set(), None)
     conf = ImapdConf(path, options)
     _validate_imapd(conf)
     return conf
 
 
+def _read_imapd_file(path: str, options: dict[str, Option], seen: set[str],
+                     site: tuple[str, int] | None) -> None:
+    """Add the options of `path` to `options`; `site` is the @include line that named it."""
+    identity = os.path.realpath(path)
+    if identity in seen:
+        raise ConfigError(*(site or (path, None)), f"{path} is included twice (Cyrus refuses that)")
+    seen.add(identity)
+    lines = _read_lines(path, site)
+    pending: str | None = None
+    start = 0
+    for number, raw in enumerate(lines, 1):
+        newline_ended = number < len(lines)
+        if pending is None:
+            start, pending = number, raw
+        else:
+            pending += raw
+        if newline_ended and pending.endswith("\\"):  # continuation: joined without the '\'
+            pending = pending[:-1]
+            continue
+        text, pending = pending, None
+        if not newline_ended and raw == "" and start < number and not text.lstrip(SPACE).startswith("#"):
+            # The file ends right after a '\' line: fgets() hits EOF and Cyrus drops the option.
+            raise ConfigError(path, start, "the last line ends with '\\' (continued on the next line) "
+                                           "but the file ends there: Cyrus would ignore this option")
+        _read_imapd_line(path, start, text, options, seen)
+
+
+def _read_imapd_line(path: str, lineno: int, text: str,
+                     options: dict[str, Option], seen: set[str]) -> None:
+    stripped = text.lstrip(SPACE)
+    if not stripped or stripped.startswith("#"):
+        return
+    m = _KEY_RE.match(stripped)
+    key = m.group(0)
+    rest = stripped[m.end():]
+    if not rest.startswith(":"):
+        if key and rest[:1] in tuple(SPACE) and rest.lstrip(SPACE).startswith(":"):
+            reason = f"no space allowed between the option name {key!r} and ':'"
+        elif key and rest.lstrip(SPACE).startswith("="):
+            reason = f"options are written 'name: value', not 'name = value' ({key!r})"
+        else:
+            reason = f"invalid option name (expected 'name: value'): {stripped[:60]!r}"
+        raise ConfigError(path, lineno, reason)
+    if key in ("", "@"):
+        raise ConfigError(path, lineno, f"option name missing before ':': {stripped[:60]!r}")
+    key = key.lower()
+    value = rest[1:].strip(SPACE)
+    if not value:
+        raise ConfigError(path, lineno, f"option '{key}' has an empty value (Cyrus refuses that)")
+    if key.startswith("@"):
+        if key != "@include":
+            raise ConfigError(path, lineno, f"invalid directive '{key}' (Cyrus knows only @include)")
+        if not os.path.isabs(value):
+            # Cyrus opens it relative to each process's working directory, not to this file.
+            raise ConfigError(path, lineno, f"@include {value!r} must be an absolute path (Cyrus resolves "
+                                            "a relative one against the working directory)")
+        _read_imapd_file(value, options, seen, (path, lineno))
+        return
+    if key in options:
+        first = options[key]
+        at = f"line {first.line}" if first.path == path else f"{first.path}:{first.line}"
+        raise ConfigError(path, lineno, f"option '{key}' is set twice (first on {at}); Cyrus refuses this")
+    options[key] = Option(key, value, path, lineno)
+
+
 # Options Cyrus types as switches: a bad value there makes every Cyrus process exit at start.
 _SWITCH_OPTIONS = ("sync_log", "sync_try_imap", "allowplaintext", "altnamespace", "unixhierarchysep",
-                   "sync_log_chain", "hashimapspool", "replicaonly")
-_INT_OPTIONS = ("sync_batchsize",)
+                   "sync_log_chain", "hashimapspool", "replicaonly", "sieveusehomedir", "archive_enabled",
+                   "allowanonymouslogin", "debug", "master_bind_errors_fatal")
+_INT_OPTIONS = ("sync_batchsize", "maxchild", "popminpoll")
+# strtol(value, &end, 0) consuming the whole value: decimal, 0x hex, 0 octal.
+_C_INT_RE = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def _valid_port(port: str) -> bool:
+    if port.isascii() and port.isdigit():
+        return len(port) <= 5 and 0 < int(port) < 65536
+    return re.fullmatch(r"[A-Za-z][A-Za-z0-9_.+-]*", port) is not None
 
 
 def _validate_imapd(conf: ImapdConf) -> None:
+    configdirectory = conf.get("configdirectory")
+    if configdirectory is None:
+        raise ConfigError(conf.path, None, "configdirectory is not set (Cyrus requires it)")
+    if not os.path.isabs(configdirectory):
+        raise ConfigError(*conf.where("configdirectory"), "configdirectory must be an absolute path")
     for key in _SWITCH_OPTIONS:
         conf.get_bool(key)
     for key in _INT_OPTIONS:
         value = conf.get(key)
-        if value is not None:
-            try:
-                int(value, 0)
-            except ValueError:
-                path, line = conf.where(key)
-                raise ConfigError(path, line, f"'{key}' is not an integer: {value!r}") from None
-    if conf.get("configdirectory") is None:
-        raise ConfigError(conf.path, None, "configdirectory is not set (Cyrus requires it)")
-    if not os.path.isabs(conf.get("configdirectory")):
-        path, line = conf.where("configdirectory")
-        raise ConfigError(path, line, "configdirectory must be an absolute path")
+        if value is not None and not _C_INT_RE.fullmatch(value):
+            raise ConfigError(*conf.where(key), f"'{key}' is not an integer: {value!r}")
     port = conf.get("sync_port")
-    if port is not None and not (port.isdigit() or re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", port)):
-        path, line = conf.where("sync_port")
-        raise ConfigError(path, line, f"sync_port is neither a number nor a service name: {port!r}")
-    conf.channel_names  # noqa: B018 -- validates channel names
+    if port is not None and not _valid_port(port):
+        raise ConfigError(*conf.where("sync_port"),
+                          f"sync_port is neither a port number nor a service name: {port!r}")
+    default_partition = conf.get("defaultpartition")
+    if default_partition is not None:
+        if not (default_partition.isascii() and default_partition.isalnum()):
+            raise ConfigError(*conf.where("defaultpartition"),
+                              "defaultpartition may contain only letters and digits (Cyrus refuses it)")
+        if f"partition-{default_partition.lower()}" not in conf.options:
+            raise ConfigError(*conf.where("defaultpartition"),
+                              f"defaultpartition is {default_partition!r} but partition-"
+                              f"{default_partition.lower()} is not set (every mail service would exit)")
+    # Evaluating what the stop path derives reports bad channel names, ports and paths now.
+    conf.channels  # noqa: B018
+    conf.writable_paths  # noqa: B018
 
 
 # --------------------------------------------------------------------------- cyrus.conf
@@ -350,21 +487,37 @@ class Listen:
         return self.raw
 
 
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+
 def parse_listen(raw: str) -> Listen:
-    """Interpret `listen=` like master/master.c: a '/' means a UNIX path; else [host:]port."""
-    if "/" in raw:
+    """Interpret `listen=` like master/master.c: a leading '/' means a UNIX socket; else
+    `[v6addr]:port`, `host:port` (split at the last ':') or just a port (number or service name).
+    Raises ValueError for what master would refuse or silently disable."""
+    if raw.startswith("/"):
+        if len(raw.encode("utf-8", "surrogateescape")) > _SUN_PATH_MAX:
+            raise ValueError(f"UNIX socket path {raw!r} is longer than {_SUN_PATH_MAX} bytes "
+                             "(master disables the service)")
         return Listen(raw, "unix", path=Path(raw))
+    if "/" in raw:
+        raise ValueError(f"listen={raw!r}: a UNIX socket path must be absolute (start with '/')")
     if raw.startswith("["):
-        end = raw.find("]")
+        end = raw.rfind("]")
         if end < 0 or not raw[end + 1:].startswith(":") or not raw[end + 2:]:
             raise ValueError(f"bad IPv6 listen address {raw!r} (expected [addr]:port)")
-        return Listen(raw, "tcp", host=raw[1:end], port=raw[end + 2:])
-    if ":" in raw:
+        host, port = raw[1:end], raw[end + 2:]
+    elif ":" in raw:
         host, _, port = raw.rpartition(":")
         if not host or not port:
             raise ValueError(f"bad listen address {raw!r} (expected host:port)")
-        return Listen(raw, "tcp", host=host, port=port)
-    return Listen(raw, "tcp", port=raw)
+    else:
+        host, port = None, raw
+    if not _valid_port(port):
+        raise ValueError(f"listen={raw!r}: {port!r} is neither a port number (1-65535) nor a service name")
+    return Listen(raw, "tcp", host=host, port=port)
+
+
+_CMD_SPLIT_RE = re.compile(r"[ \t\r\n]+")  # master splits cmd at these, with no quoting at all
 
 
 @dataclass(frozen=True)
@@ -377,7 +530,7 @@ class Entry:
 
     @property
     def cmd(self) -> list[str]:
-        return shlex.split(self.args.get("cmd", ""))
+        return [w for w in _CMD_SPLIT_RE.split(self.args.get("cmd", "")) if w]
 
     @property
     def program(self) -> str:
@@ -390,29 +543,38 @@ class Entry:
             prog = os.path.basename(words[1])
         return prog
 
+    def _option(self, flag: str) -> str | None:
+        words = self.cmd
+        for i, w in enumerate(words[1:], 1):
+            if w == flag and i + 1 < len(words):
+                return words[i + 1]
+            if w.startswith(flag) and len(w) > 2:
+                return w[2:]
+        return None
+
     @property
     def config_path(self) -> Path | None:
-        words = self.cmd
-        for i, w in enumerate(words):
-            if w == "-C" and i + 1 < len(words):
-                return Path(words[i + 1])
-            if w.startswith("-C") and len(w) > 2:
-                return Path(w[2:])
-        return None
+        value = self._option("-C")
+        return Path(value) if value is not None else None
 
     @property
     def channel(self) -> str | None:
         """`-n CHANNEL` of a sync_client command, None for the default channel."""
-        words = self.cmd
-        for i, w in enumerate(words):
-            if w == "-n" and i + 1 < len(words):
-                return words[i + 1]
-        return None
+        return self._option("-n")
 
     @property
     def listen(self) -> Listen | None:
         raw = self.args.get("listen")
         return parse_listen(raw) if raw else None
+
+    @property
+    def stream(self) -> bool:
+        """Whether the listener accepts connections (TCP, or a UNIX socket with proto=tcp)."""
+        proto = self.args.get("proto", "tcp")
+        listen = self.listen
+        if listen is not None and listen.kind == "unix":
+            return proto == "tcp"  # master makes any other proto a datagram socket
+        return proto.startswith("tcp")
 
     def _int(self, key: str, default: int) -> int:
         value = self.args.get(key)
@@ -456,104 +618,184 @@ class CyrusConf:
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9]+")
-_ARG_RE = re.compile(r'\s*([A-Za-z0-9]*)=("([^"]*)("?)|\S*)')
-_INT_ARGS = ("prefork", "maxchild", "maxfds", "maxforkrate", "period", "babysit")
+_ARG_KEY_RE = re.compile(r"[A-Za-z0-9]*")
+_MASTER_LINE_MAX = 4094  # master reads lines with fgets(buf, 4096): longer ones are split
+_MAXARGS = 64
+_INT_ARGS = ("prefork", "maxchild", "maxfds", "maxforkrate", "period")
+_SWITCH_ARGS = ("babysit", "wait")
+_PROTOS = ("tcp", "tcp4", "tcp6", "udp", "udp4", "udp6")
+# SERVICES and DAEMON entries (incl. wait=y daemons) share one name space in master.
+_SHARED_NAMES = ("SERVICES", "DAEMON")
+_ONE_LINE = "master reads one entry per line and has no continuation lines: join it to its entry's line"
 
 
 def parse_cyrus_conf(path: os.PathLike | str) -> CyrusConf:
     """Parse cyrus.conf as master/masterconf.c does, refusing what it refuses or silently skips."""
     path = str(path)
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().split("\n")
-    except OSError as e:
-        raise ConfigError(path, None, f"cannot read: {e.strerror}") from None
+    lines = _read_lines(path)
     entries: list[Entry] = []
-    names: dict[tuple[str, str], int] = {}
+    names: dict[str, int] = {}
+    sections_seen: dict[str, int] = {}
     section: str | None = None
     section_line = 0
     for lineno, raw in enumerate(lines, 1):
-        text = raw.split("#", 1)[0].strip()  # '#' starts a comment anywhere, even inside quotes
-        if not text:
+        if len(raw.encode("utf-8", "surrogateescape")) > _MASTER_LINE_MAX:
+            raise ConfigError(path, lineno, f"line longer than {_MASTER_LINE_MAX} bytes "
+                                            "(master would read it as two lines)")
+        text = raw.lstrip(SPACE)
+        comment = text.find("#")
+        if comment >= 0:  # '#' starts a comment anywhere, even inside quotes
+            text = text[:comment]
+        if not text.strip(SPACE):
             continue
         if section is None:
-            m = re.fullmatch(r"([A-Za-z]+)\s*\{\s*(\}?)", text)
-            if not m:
-                word = text.split()[0]
-                if word.upper() in SECTIONS:
-                    raise ConfigError(path, lineno, f"section {word} must open with '{{' on the same "
-                                                    "line (master ignores it otherwise)")
-                raise ConfigError(path, lineno, f"expected a section header like 'SERVICES {{', got {text[:40]!r}")
-            name = m.group(1).upper()
-            if name not in SECTIONS:
-                raise ConfigError(path, lineno, f"unknown section {m.group(1)!r} (Cyrus knows "
-                                                f"{', '.join(SECTIONS)}; master would ignore it)")
-            if not m.group(2):
+            name, empty = _section_header(path, lineno, text.rstrip(SPACE))
+            if name in sections_seen:
+                raise ConfigError(path, lineno, f"second {name} section (the first is on line "
+                                                f"{sections_seen[name]}): master reads only the first")
+            sections_seen[name] = lineno
+            if not empty:
                 section, section_line = name, lineno
             continue
-        closes = text.endswith("}")
-        if closes:
-            text = text[:-1].rstrip()
-        if text:
-            entry = _parse_entry(path, lineno, section, text)
-            key = (section, entry.name)
-            if key in names:
-                raise ConfigError(path, lineno, f"duplicate entry {entry.name!r} in {section} "
-                                                f"(first on line {names[key]})")
-            names[key] = lineno
-            entries.append(entry)
-        if closes:
+        if text.startswith("}"):
+            if text[1:].strip(SPACE):
+                raise ConfigError(path, lineno, f"text after '}}' closing {section}: master ignores it "
+                                                "(put it on a line of its own)")
             section = None
+            continue
+        entries.append(_parse_entry(path, lineno, section, text, cut_at_comment=comment >= 0))
     if section is not None:
         raise ConfigError(path, section_line, f"section {section} is never closed with '}}'")
+    # Only now the meaning of each entry: an entry spread over two lines is reported at its
+    # continuation line (a syntax error above), not as "imap has no listen=".
+    for entry in entries:
+        _check_entry(entry)
+        if entry.section in _SHARED_NAMES:
+            if entry.name in names:
+                raise ConfigError(path, entry.line, f"entry {entry.name!r} is defined twice (first on line "
+                                                    f"{names[entry.name]}): master refuses duplicate "
+                                                    "SERVICES/DAEMON names")
+            names[entry.name] = entry.line
     return CyrusConf(path, entries)
 
 
-def _parse_entry(path: str, lineno: int, section: str, text: str) -> Entry:
+def _section_header(path: str, lineno: int, text: str) -> tuple[str, bool]:
+    """(section name, whether it is empty `NAME { }`) of a top-level line; refuses anything else."""
+    m = re.match(r"[A-Za-z0-9_]*", text)
+    word, rest = m.group(0), text[m.end():].strip(SPACE)
+    name = word.upper()
+    if name not in SECTIONS:
+        if rest.startswith("{") and word:
+            raise ConfigError(path, lineno, f"unknown section {word!r}: master knows only "
+                                            f"{', '.join(SECTIONS)} and silently ignores it")
+        if text.startswith("}"):
+            raise ConfigError(path, lineno, "'}' closes no section")
+        raise ConfigError(path, lineno, f"expected a section header like 'SERVICES {{', got {text[:40]!r}")
+    if word[0] != name[0]:
+        raise ConfigError(path, lineno, f"section {word!r} must start with a capital {name[0]!r}: master "
+                                        f"matches the first letter exactly and silently ignores it")
+    if not rest:
+        raise ConfigError(path, lineno, f"put '{{' on the same line as {word}: master silently ignores "
+                                        "a section whose '{' is on the next line")
+    if rest == "{":
+        return name, False
+    if re.fullmatch(r"\{[ \t\v\f\r]*\}", rest):
+        return name, True
+    if rest.startswith("{"):
+        raise ConfigError(path, lineno, f"entries must start on the line after '{word} {{': master "
+                                        "ignores anything else on the header line")
+    raise ConfigError(path, lineno, f"expected '{{' after {word}, got {rest[:30]!r}")
+
+
+def _parse_entry(path: str, lineno: int, section: str, text: str, cut_at_comment: bool) -> Entry:
+    text = text.rstrip(SPACE)
+    if text.count("{") != text.count("}"):
+        if text.endswith("}") and text.count("}") == text.count("{") + 1:
+            raise ConfigError(path, lineno, "put the '}' closing the section on a line of its own "
+                                            "(master reads it as an argument and refuses the file)")
+        raise ConfigError(path, lineno, "unbalanced '{' or '}' in an entry: master counts braces on every "
+                                        "line to find sections and would silently skip later ones")
     m = _NAME_RE.match(text)
     if not m:
-        raise ConfigError(path, lineno, f"bad entry name in {section}: {text[:40]!r}")
+        if re.match(r'[A-Za-z0-9]*=|"', text):
+            raise ConfigError(path, lineno, f"this line has no entry name, it looks like the rest of "
+                                            f"the entry above: {_ONE_LINE}")
+        raise ConfigError(path, lineno, f"bad entry name in {section}: {text[:40]!r} "
+                                        "(letters and digits only)")
     name = m.group(0)
     rest = text[m.end():]
-    if rest and not rest[0].isspace():
+    if rest and rest[0] not in SPACE:
         if rest[0] == "=":
-            raise ConfigError(path, lineno, "entry has no name (an entry must be on one line: "
-                                            "master does not join continuation lines)")
-        raise ConfigError(path, lineno, f"bad character {rest[0]!r} in entry name {name!r}")
+            raise ConfigError(path, lineno, f"'{name}=' is an argument with no entry name before it: "
+                                            f"{_ONE_LINE}")
+        raise ConfigError(path, lineno, f"bad character {rest[0]!r} in entry name {name + rest[0]!r} "
+                                        "(master allows only letters and digits)")
     args: dict[str, str] = {}
     pos = 0
-    while pos < len(rest):
-        if rest[pos:].strip() == "":
+    while True:
+        while pos < len(rest) and rest[pos] in SPACE:
+            pos += 1
+        if pos >= len(rest):
             break
-        am = _ARG_RE.match(rest, pos)
-        if not am or not am.group(1):
-            bad = rest[pos:].strip()[:30]
-            raise ConfigError(path, lineno, f"bad argument in entry {name!r}: {bad!r} (expected key=value)")
-        if am.group(2).startswith('"') and not am.group(4):
-            raise ConfigError(path, lineno, f"missing closing '\"' in entry {name!r}")
-        key = am.group(1)
-        value = am.group(3) if am.group(2).startswith('"') else am.group(2)
+        km = _ARG_KEY_RE.match(rest, pos)
+        key, pos = km.group(0), km.end()
+        if pos >= len(rest) or rest[pos] != "=":
+            if rest[pos:] == "\\":
+                raise ConfigError(path, lineno, f"'\\' at the end of entry {name!r}: {_ONE_LINE}")
+            if pos >= len(rest):
+                raise ConfigError(path, lineno, f"argument {key!r} of entry {name!r} has no '=value'")
+            raise ConfigError(path, lineno, f"bad character {rest[pos]!r} in an argument of entry {name!r} "
+                                            "(expected key=value)")
+        if not key:
+            raise ConfigError(path, lineno, f"argument without a name before '=' in entry {name!r}")
+        pos += 1
+        if rest[pos:pos + 1] == '"':
+            close = rest.find('"', pos + 1)
+            if close < 0:
+                hint = " ('#' starts a comment even inside quotes)" if cut_at_comment else ""
+                raise ConfigError(path, lineno, f"missing closing '\"' in entry {name!r}{hint}")
+            value, pos = rest[pos + 1:close], close + 1
+        else:
+            end = pos
+            while end < len(rest) and rest[end] not in SPACE:
+                end += 1
+            value, pos = rest[pos:end], end
         if key in args:
-            raise ConfigError(path, lineno, f"argument {key!r} given twice in entry {name!r}")
+            raise ConfigError(path, lineno, f"argument {key!r} given twice in entry {name!r} "
+                                            "(master would use the first)")
+        if len(args) == _MAXARGS:
+            raise ConfigError(path, lineno, f"more than {_MAXARGS} arguments in entry {name!r}")
         args[key] = value
-        pos = am.end()
-    if section in ("START", "SERVICES", "EVENTS", "DAEMON") and not args.get("cmd"):
+    return Entry(section, name, args, path, lineno)
+
+
+def _check_entry(entry: Entry) -> None:
+    path, lineno, section, name, args = entry.path, entry.line, entry.section, entry.name, entry.args
+    if not _CMD_SPLIT_RE.sub("", args.get("cmd", "")):
         raise ConfigError(path, lineno, f"entry {name!r} in {section} has no cmd=")
     for key in _INT_ARGS:
-        if key in args and not re.fullmatch(r"-?\d+", args[key]):
+        if key in args and not re.fullmatch(r"-?[0-9]+", args[key]):
             raise ConfigError(path, lineno, f"{key}={args[key]!r} in entry {name!r} is not a number")
-    if section == "SERVICES" and not args.get("listen"):
-        raise ConfigError(path, lineno, f"service {name!r} has no listen=")
+    for key in _SWITCH_ARGS:
+        if key in args and parse_switch(args[key]) is None:
+            raise ConfigError(path, lineno, f"{key}={args[key]!r} in entry {name!r} is not y/n "
+                                            "(master would silently use the default)")
+    if "at" in args:
+        at = args["at"]
+        if not re.fullmatch(r"[0-9]{1,4}", at) or int(at) // 100 > 23 or int(at) % 100 > 59:
+            raise ConfigError(path, lineno, f"at={at!r} in entry {name!r} is not a time HHMM")
+    if section == "SERVICES":
+        if not args.get("listen"):
+            raise ConfigError(path, lineno, f"service {name!r} has no listen=")
+        proto = args.get("proto", "tcp")
+        if proto not in _PROTOS:
+            raise ConfigError(path, lineno, f"proto={proto!r} in service {name!r}: master knows "
+                                            f"{', '.join(_PROTOS)} and disables the service otherwise")
     if "listen" in args:
         try:
             parse_listen(args["listen"])
         except ValueError as e:
             raise ConfigError(path, lineno, str(e)) from None
-    try:
-        shlex.split(args.get("cmd", ""))
-    except ValueError as e:
-        raise ConfigError(path, lineno, f"cmd of entry {name!r} cannot be split: {e}") from None
-    return Entry(section, name, args, path, lineno)
 
 
 # --------------------------------------------------------------------------- the instance
@@ -585,6 +827,13 @@ class Instance:
             elif cp is not None and os.path.realpath(cp) != mine:
                 self.warnings.append(f"{e.path}:{e.line}: {e.section} entry {e.name!r} uses -C {cp}, "
                                      f"not {self.imapd.path}")
+        if not self.imapd.sync_log:
+            return
+        channels = [c.name for c in self.imapd.channels]
+        for e in self.cyrus.sync_clients:
+            if e.channel not in channels:
+                self.warnings.append(f"{e.path}:{e.line}: sync_client entry {e.name!r} reads channel "
+                                     f"{e.channel or 'default'!r}, which sync_log_channels does not write")
 
     # -- facts the stop path needs
     @property
@@ -617,13 +866,11 @@ class Instance:
 
     @property
     def listeners(self) -> list[tuple[Entry, Listen]]:
-        """SERVICES listeners a client can connect to (UDP ones excluded: nothing to accept)."""
+        """SERVICES listeners a client can connect to (datagram ones excluded: nothing to accept)."""
         result = []
         for e in self.cyrus.services:
-            if e.args.get("proto", "tcp").startswith("udp"):
-                continue
             listen = e.listen
-            if listen is not None:
+            if listen is not None and e.stream:
                 result.append((e, listen))
         return result
 
