@@ -14,10 +14,17 @@ import time
 import sdnotify
 
 
+SEND_TIMEOUT = 2.0
+
+
 class Notifier:
     def __init__(self):
         # sdnotify reads $NOTIFY_SOCKET itself (and handles abstract '@' sockets)
         self._sd = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
+        if self._sd is not None and self._sd.socket is not None:
+            # A datagram socket blocks once the reader's queue (net.unix.max_dgram_qlen, 10) is
+            # full: never let a slow reader stall a stop. sdnotify drops what times out.
+            self._sd.socket.settimeout(SEND_TIMEOUT)
         self.sent: list[str] = []  # what we said, for `status` and for tests
 
     @property
@@ -58,6 +65,7 @@ class Pulse:
                  clock=time.monotonic):
         self.notifier, self.extend, self.interval, self.clock = notifier, extend, interval, clock
         self._last = None
+        self._last_status = None
 
     def __call__(self, status: str | None = None) -> None:
         now = self.clock()
@@ -66,6 +74,7 @@ class Pulse:
             if status:
                 fields.append(f"STATUS={status}")
             self.notifier.send(*fields)
-            self._last = now
-        elif status:
+            self._last, self._last_status = now, status
+        elif status and status != self._last_status:
             self.notifier.status(status)
+            self._last_status = status

@@ -245,7 +245,7 @@ def rolling_channels(instance: Instance) -> set[str]:
 class Options:
     start_timeout: float = 120.0
     stop_timeout: float = 30.0
-    master_alone_grace: float = 3.0
+    master_alone_grace: float = 1.0
     status_interval: float = 0.5
     extend_interval: float = 5.0
     reconcile: str = "recommend"
@@ -498,10 +498,9 @@ class Supervisor:
                 return self.escalate(exited, left, t0)
             n = len(left)
             pulse(f"stopping: {'master and ' if exited is None else ''}{n} children left")
-            timeout = min(remaining, 1.0)
-            if alone_since is not None:
-                timeout = min(timeout, 0.2)
-            for signum in self.loop.poll(timeout):
+            # short polls: children exit within milliseconds of master's SIGTERM, and each
+            # tick here delays the drain that the stop is waiting for
+            for signum in self.loop.poll(min(remaining, 0.1)):
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("signal %d while stopping: ignored (master gets exactly one SIGTERM)", signum)
 

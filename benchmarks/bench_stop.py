@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""`systemctl stop` of a primary under LMTP load: cyrushelper's unit vs a stock Debian-style unit.
+
+Each trial boots a fresh throwaway systemd container, builds the lab pair (rolling sync_client
+under master, as most replicated sites run it), puts continuous LMTP load on the primary (two
+users), waits for --warmup acknowledged messages, then times `systemctl stop` of the primary and
+reads what the stop left behind: lines in the sync log, and acknowledged messages missing on the
+replica (what a replica promoted at that moment would not have). Both contestants run in the same
+invocation, alternating, so the table compares them on the same machine state.
+
+    python benchmarks/bench_stop.py [--trials 3] [--warmup 300]
+Needs root, Cyrus and systemd-container (scripts/bootstrap.sh installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cyrushelper.lab.container import SystemdContainer  # noqa: E402
+from cyrushelper.lab.scenario import LabSystem, new_workdir  # noqa: E402
+
+CONTESTANTS = ("cyrushelper", "stock")
+
+
+def trial(kind: str, warmup: int) -> dict:
+    workdir = new_workdir(f"bench-{kind}")
+    try:
+        with SystemdContainer(workdir) as box:
+            lab = LabSystem(box, workdir, rolling=True).create()
+            lab.install_cyrushelper_units()
+            if kind == "cyrushelper":
+                unit = "cyrus@primary.service"
+            else:
+                unit = lab.install_stock_unit()
+            lab.start("cyrus@replica.service", unit)
+            load, record = lab.start_load(seconds=300)
+            lab.wait_acknowledged(record, warmup, timeout=120)
+            stop = lab.stop(unit)
+            lab.stop_load(load)
+            report = lab.verify(record)
+            return {"seconds": stop.seconds, "result": stop.result, "lines_left": stop.total_left,
+                    "acknowledged": report["acknowledged"], "missing": report["missing"],
+                    "double_sigterm": len(lab.unexpected_sigterm_lines())}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=300, help="acknowledged messages before the stop")
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {k: [] for k in CONTESTANTS}
+    for i in range(args.trials):
+        for kind in CONTESTANTS if i % 2 == 0 else reversed(CONTESTANTS):
+            r = trial(kind, args.warmup)
+            runs[kind].append(r)
+            print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s result={r['result']} "
+                  f"lines_left={r['lines_left']} acknowledged={r['acknowledged']} missing={r['missing']} "
+                  f"double_sigterm={r['double_sigterm']}",
+                  flush=True)
+    print()
+    print(f"| unit | trials | stop s (median) | stop s (max) | result | sync-log lines left (median/max) "
+          f"| acknowledged (median) | missing on replica (median/max) | children SIGTERMed twice (max) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind in CONTESTANTS:
+        rs = runs[kind]
+        secs = [r["seconds"] for r in rs]
+        left = [r["lines_left"] for r in rs]
+        miss = [r["missing"] for r in rs]
+        results = ",".join(sorted({r["result"] for r in rs}))
+        print(f"| {kind} | {len(rs)} | {statistics.median(secs):.2f} | {max(secs):.2f} | {results} | "
+              f"{statistics.median(left):g}/{max(left)} | {statistics.median(r['acknowledged'] for r in rs):g} | "
+              f"{statistics.median(miss):g}/{max(miss)} | {max(r['double_sigterm'] for r in rs)} |")
+    ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
+    stock = statistics.median(r["seconds"] for r in runs["stock"])
+    print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
