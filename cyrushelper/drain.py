@@ -564,7 +564,8 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
                          service=service, master_pid=mpid)
     report.exit_code = RESULT_CODES[report.result]
     if progress is not None:
-        progress(_status_line(chosen).replace("drain:", "drain done:" if report.result == "drained" else f"drain {report.result.replace('_', ' ')}:"))
+        outcome = "done" if report.result == "drained" else report.result.replace("_", " ")
+        progress(_status_line(chosen).replace("drain:", f"drain {outcome}:"))
     _log_results(report)
     if record:
         try:

@@ -504,7 +504,7 @@ def test_progress_reports_lines_left_and_extends(fake, monkeypatch):
     assert fake.drain(progress=pulse).exit_code == exitcodes.OK
     statuses = [m for m in notifier.sent if "STATUS=" in m]
     assert any("STATUS=drain: default=7 lines left" in m for m in statuses)
-    assert "STATUS=drain drained: default=0 lines left" in notifier.sent[-1]
+    assert "STATUS=drain done: default=0 lines left" in notifier.sent[-1]
     assert sum("EXTEND_TIMEOUT_USEC=30000000" in m for m in notifier.sent) >= 2
 
 
