@@ -30,7 +30,7 @@ FEDORA_NAMES = {"jinja2": "python3-jinja2", "sdnotify": "python3-sdnotify",
                 "pyinotify": "python3-inotify", "pyasyncore": "python3-pyasyncore",
                 "systemd-python": "python3-systemd"}
 # Where a distribution's floor is deliberately lower than pyproject.toml's, and why.
-DEBIAN_FLOORS = {"sdnotify": "0.3.1"}  # Debian 12 ships 0.3.1: same code as 0.3.2, only __version__ differs
+DEBIAN_FLOORS: dict[str, str] = {}  # where Debian's floor is deliberately lower than pyproject's
 # The Python of the Debian release the package targets (bookworm), for environment markers.
 DEBIAN_PYTHON = "3.11"
 # The paths the spec's macros stand for on Fedora.
