@@ -263,6 +263,7 @@ class Supervisor:
         self.loop: Loop | None = None
         self.watch = None
         self.jobs: dict[str, Job] = {}
+        self.leftover_channels: set[str] = set()
         self.notes: dict[str, str] = {}       # extra STATUS fragments by topic
         self._status_due: float | None = None
         self._last_status = 0.0
@@ -392,10 +393,17 @@ class Supervisor:
         self.notes["unclean"] = "reconcile (sync_client -A) running after an unclean stop"
         job.start()
 
-    def check_leftovers(self) -> None:
+    def snapshot_leftovers(self) -> None:
+        """Channels holding events from before this start (read before master runs, so events
+        the new master writes are not mistaken for leftovers)."""
         rolling = rolling_channels(self.instance)
+        self.leftover_channels = {b.channel for b in (synclog.backlog(c) for c in
+                                                     replication_channels(self.instance))
+                                  if not b.empty and b.channel not in rolling}
+
+    def check_leftovers(self) -> None:
         orphans = [b for b in (synclog.backlog(c) for c in replication_channels(self.instance))
-                   if not b.empty and b.channel not in rolling]
+                   if b.channel in self.leftover_channels and not b.empty]
         if not orphans:
             return
         what = " ".join(f"{b.channel}={b.lines}" for b in orphans)
@@ -567,6 +575,7 @@ class Supervisor:
     def run(self) -> int:
         opts = self.options
         master = self.preflight()
+        self.snapshot_leftovers()
         marker = state.unclean_stop(self.instance)
         if marker is not None:
             log.warning("unclean-stop marker present (%s: %s)", marker.get("time"), marker.get("reason"))

@@ -22,7 +22,6 @@ import pytest
 from cyrushelper import exitcodes, proc
 from cyrushelper.lab.pair import CyrusPair, Ports, port_free
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))  # the fake NOTIFY_SOCKET lives there
 from tests.unit.test_supervisor_fakes import NotifySocket  # noqa: E402
 
 pytestmark = pytest.mark.system
@@ -33,7 +32,7 @@ UNEXPECTED = "graceful shutdown initiated by unexpected process"
 
 @pytest.fixture
 def pair(syslog_sink):
-    from conftest import next_port_base
+    from tests.conftest import next_port_base
     base = PORT_BASE if all(port_free(p) for p in Ports.from_base(PORT_BASE).all()) else next_port_base()
     root = Path(tempfile.mkdtemp(prefix="cyrushelper-e-", dir="/tmp"))
     root.chmod(0o755)
