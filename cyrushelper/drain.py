@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cyrushelper import exitcodes, synclog
+from cyrushelper import exitcodes, proc, synclog
 from cyrushelper.atomic import write_atomic
 from cyrushelper.config import Channel, ConfigError, Instance, cyrus_bin_dir
 from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path, give_to_owner_of, state_dir
@@ -240,17 +240,6 @@ def find_sync_readers(imapd_conf: os.PathLike | str, channel: str | None,
         if os.path.realpath(conf) == mine:
             found.append((pid, " ".join(argv)))
     return found
-
-
-def master_pid(instance: Instance) -> int | None:
-    """PID of this instance's running master, from its pid file (None if not running)."""
-    try:
-        pid = int(instance.pid_file.read_text().split()[0])
-        with open(f"/proc/{pid}/comm") as f:
-            comm = f.read().strip()
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if comm == "master" else None
 
 
 # --------------------------------------------------------------------------- files
@@ -538,7 +527,7 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.monotonic()
     end = t0 + deadline
-    mpid = master_pid(instance)
+    mpid = proc.running_master(instance.pid_file)
     if mpid:
         log.warning("master (PID %d) is running: the drain may chase new events until its deadline", mpid)
     drainers = [_ChannelDrainer(instance, ch, sync_client, end, per_run_timeout, lock_wait, stop)
