@@ -53,9 +53,18 @@ def helper_path() -> str:
     return str(candidate)
 
 
-def _under_home(path: str) -> bool:
-    real = os.path.realpath(path)
-    return real.startswith(("/root/", "/home/"))
+HIDDEN_FROM_UNITS = ("/tmp/", "/var/tmp/", "/root/", "/home/")  # PrivateTmp=, ProtectHome=
+
+
+def hidden_paths() -> list[str]:
+    """Where this checkout and its interpreter live, if the unit's sandbox would hide them."""
+    repo = Path(__file__).resolve().parents[2]
+    candidates = [str(repo), str(Path(sys.prefix).resolve()), str(Path(sys.base_prefix).resolve())]
+    hidden = []
+    for path in candidates:
+        if (path + "/").startswith(HIDDEN_FROM_UNITS) and path not in hidden:
+            hidden.append(path)
+    return hidden
 
 
 class LabSystem:
@@ -117,9 +126,14 @@ class LabSystem:
                 raise RuntimeError(f"cyrushelper generate failed ({r.returncode}): {r.stderr}")
             self.c.install_units(out)
         lab_dropin = ""
-        if _under_home(self.helper) or _under_home(self.python):
-            # The venv lives under /root or /home here; ProtectHome=yes would hide it from the unit.
-            lab_dropin += "[Service]\nProtectHome=read-only\n"
+        hidden = hidden_paths()
+        if hidden:
+            # A test-bed adaptation, not product: this checkout or its Python lives where the unit's
+            # PrivateTmp=/ProtectHome= hide it (CI may clone anywhere); bind it back read-only.
+            # (ProtectHome=yes hides /root and /home beneath binds too: relax it to read-only.)
+            lab_dropin += "[Service]\n" + "".join(
+                "ProtectHome=read-only\n" if p.startswith(("/root/", "/home/")) else f"BindReadOnlyPaths={p}\n"
+                for p in hidden)
         for which in ("primary", "replica"):
             text = lab_dropin + (extra_dropin or {}).get(which, "")
             if text:
