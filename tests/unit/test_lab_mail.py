@@ -1,0 +1,233 @@
+"""Mail helpers against a fake LMTP server: the record holds exactly the messages that got 250."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import socketserver
+import threading
+import time
+
+import pytest
+
+from cyrushelper.lab.mail import (LmtpLoad, Record, RecordError, Report, deliver_lmtp, login_name, message,
+                                  parse_mbexamine, parse_record_line, read_records)
+
+
+class FakeLmtp(socketserver.ThreadingTCPServer):
+    """Accepts `accept_per_connection` messages per connection, then answers 421 and hangs up."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, accept_per_connection: int | None = None):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.accept_per_connection = accept_per_connection
+        self.acknowledged: list[bytes] = []
+        self.lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        server: FakeLmtp = self.server
+        accepted = 0
+        self.wfile.write(b"220 fake LMTP ready\r\n")
+        while True:
+            line = self.rfile.readline()
+            if not line:
+                return
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == b"LHLO":
+                self.wfile.write(b"250-fake\r\n250 PIPELINING\r\n")
+            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                self.wfile.write(b"250 ok\r\n")
+            elif verb == b"DATA":
+                self.wfile.write(b"354 go\r\n")
+                body = b""
+                while not body.endswith(b"\r\n.\r\n"):
+                    chunk = self.rfile.readline()
+                    if not chunk:
+                        return
+                    body += chunk
+                limit = server.accept_per_connection
+                if limit is not None and accepted >= limit:
+                    self.wfile.write(b"421 4.3.2 shutting down\r\n")
+                    return
+                accepted += 1
+                with server.lock:
+                    server.acknowledged.append(body)
+                self.wfile.write(b"250 2.1.5 Ok SESSIONID=<x>\r\n")
+            elif verb == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"500 what\r\n")
+
+
+@pytest.fixture
+def fake_lmtp(request):
+    server = FakeLmtp(getattr(request, "param", None))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def ids_in(server: FakeLmtp) -> list[str]:
+    out = []
+    for body in server.acknowledged:
+        for line in body.split(b"\r\n"):
+            if line.lower().startswith(b"message-id:"):
+                out.append(line.split(b":", 1)[1].strip().decode())
+    return out
+
+
+def record_lines(path) -> list[tuple[str, str]]:
+    return [parse_record_line(line) for line in path.read_text().splitlines()]
+
+
+def test_message_is_unique_and_well_formed():
+    mid, body = message("t", 3, "alice")
+    assert mid == "<t-3@lab.test>"
+    assert f"Message-ID: {mid}\r\n".encode() in body and body.endswith(b"\r\n")
+    assert message("t", 4, "alice")[0] != mid
+
+
+def test_deliver_records_every_acknowledged_message(fake_lmtp, tmp_path):
+    record = tmp_path / "rec"
+    assert deliver_lmtp(fake_lmtp.port, "alice", 5, "d", record) == 5
+    assert record_lines(record) == [("alice", f"<d-{i}@lab.test>") for i in range(5)]
+    assert ids_in(fake_lmtp) == [f"<d-{i}@lab.test>" for i in range(5)]
+    deliver_lmtp(fake_lmtp.port, "bob", 2, "e", record)  # appends
+    assert len(record_lines(record)) == 7
+
+
+@pytest.mark.parametrize("fake_lmtp", [3], indirect=True)
+def test_deliver_interrupted_by_421_records_only_the_250s(fake_lmtp, tmp_path):
+    record = tmp_path / "rec"
+    with pytest.raises(smtplib.SMTPException):
+        deliver_lmtp(fake_lmtp.port, "alice", 10, "i", record)
+    assert [mid for _, mid in record_lines(record)] == ids_in(fake_lmtp) == [
+        "<i-0@lab.test>", "<i-1@lab.test>", "<i-2@lab.test>"]
+
+
+@pytest.mark.parametrize("fake_lmtp", [4], indirect=True)
+def test_load_reconnects_after_421_and_records_exactly(fake_lmtp, tmp_path):
+    record = tmp_path / "rec"
+    with LmtpLoad(fake_lmtp.port, ["alice", "bob"], record, max_seconds=20) as load:
+        assert load.wait_acknowledged(30, timeout=15)
+    stats = load.stats
+    assert stats.failed > 0  # the 421s
+    lines = record_lines(record)
+    assert len(lines) == stats.acknowledged == len(fake_lmtp.acknowledged)
+    assert sorted(mid for _, mid in lines) == sorted(ids_in(fake_lmtp))
+    assert {rcpt for rcpt, _ in lines} == {"alice", "bob"}
+    assert sum(stats.per_user.values()) == stats.acknowledged
+    assert stats.attempted == stats.acknowledged + stats.failed
+
+
+def test_load_stops_at_max_messages(fake_lmtp, tmp_path):
+    load = LmtpLoad(fake_lmtp.port, ["alice", "bob", "carol"], tmp_path / "rec", max_messages=7).start()
+    deadline = time.monotonic() + 10
+    while load.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not load.running
+    assert load.stop().acknowledged == 7 == len(record_lines(tmp_path / "rec"))
+
+
+def test_load_tolerates_refused_connections_and_stops_promptly(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    load = LmtpLoad(port, ["alice"], tmp_path / "rec", max_seconds=30).start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    stats = load.stop()
+    assert time.monotonic() - started < 2
+    assert stats.connect_failures >= 2 and stats.acknowledged == 0
+    assert record_lines(tmp_path / "rec") == []
+
+
+def test_load_respects_max_seconds(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    load = LmtpLoad(port, ["alice"], tmp_path / "rec", max_seconds=0.3).start()
+    time.sleep(2)
+    assert not load.running
+    load.stop()
+
+
+# --------------------------------------------------------------------------- records
+
+def test_parse_record_line():
+    assert parse_record_line("alice <a-1@lab.test>\n") == ("alice", "<a-1@lab.test>")
+    assert parse_record_line("  \n") is None
+    for bad in ("alice", "alice a-1@lab.test", "alice <a> extra", "<a-1@lab.test>"):
+        with pytest.raises(RecordError):
+            parse_record_line(bad)
+
+
+def test_read_records_groups_and_names_bad_lines(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.write_text("alice <a-1@x>\nbob <b-1@x>\n\nalice <a-2@x>\n")
+    two.write_text("alice <a-1@x>\nalice+work <c-1@x>\n")
+    assert read_records([one, two]) == {"alice": {"<a-1@x>", "<a-2@x>"}, "bob": {"<b-1@x>"},
+                                        "alice+work": {"<c-1@x>"}}
+    bad = tmp_path / "bad"
+    bad.write_text("alice <a-1@x>\nrubbish\nalice <a-2@x>\n")
+    with pytest.raises(RecordError, match=rf"{bad}:2"):
+        read_records([bad])
+
+
+def test_read_records_skips_only_a_cut_off_last_line(tmp_path):
+    cut = tmp_path / "cut"
+    cut.write_text("alice <a-1@x>\nalice <a-2")
+    assert read_records([cut]) == {"alice": {"<a-1@x>"}}
+    whole = tmp_path / "whole"
+    whole.write_text("alice <a-1@x>\nalice <a-2@x>")  # complete, just no newline
+    assert read_records([whole]) == {"alice": {"<a-1@x>", "<a-2@x>"}}
+
+
+def test_record_refuses_what_it_could_not_read_back(tmp_path):
+    with Record(tmp_path / "rec") as rec:
+        with pytest.raises(RecordError):
+            rec.add("al ice", "<a@x>")
+        with pytest.raises(RecordError):
+            rec.add("alice", "a@x")
+
+
+def test_login_name():
+    assert login_name("alice") == login_name("alice@lab.test") == login_name("alice+box@lab.test") == "alice"
+
+
+def test_report():
+    ok = Report(3, 3, [], {"alice": (3, 3)})
+    assert ok.ok and ok.summary() == "acknowledged=3 present=3 missing=0 (alice=3/3)"
+    bad = Report(3, 2, [("alice", "<a@x>")], {"alice": (3, 2)})
+    assert not bad.ok and "missing=1" in bad.summary()
+
+
+MBEXAMINE = """Examining user.alice... Mailbox Header Info:
+  Path to mailbox: /lab/primary/spool/uuid/u/q/uq97
+  UIDValidity: 1795740156  Last UID: 2
+
+ Message Info:
+000001> UID:00000001   INT_DATE:1795740155 SENTDATE:1795737600 SAVEDATE:1795740155 SIZE:422
+      > HDRSIZE:412    LASTUPD :1795740155 SYSFLAGS:00000000      > CACHEVER:11 GUID:46876e6e50dcd5cfdaf0f25c5138b1d927185a93 MODSEQ:2  THRID: 0
+ Envel>{197}("Fri, 27 Nov 2026 00:42:35 -0000" "UID:99 GUID:ffff" NIL)
+ Subjct>{5}"s 0"
+000001> UID:00000002   INT_DATE:1795740155 SENTDATE:1795737600 SAVEDATE:1795740155 SIZE:422
+      > HDRSIZE:412    LASTUPD :1795740155 SYSFLAGS:00000000      > CACHEVER:11 GUID:f8a3580c5526b7d66f38d3235121411f385b0f46 MODSEQ:3  THRID: 0
+"""
+
+
+def test_parse_mbexamine_ignores_header_text():
+    assert parse_mbexamine(MBEXAMINE) == [(1, "46876e6e50dcd5cfdaf0f25c5138b1d927185a93"),
+                                          (2, "f8a3580c5526b7d66f38d3235121411f385b0f46")]
+    assert parse_mbexamine("Examining user.empty...\n") == []
