@@ -196,15 +196,6 @@ def _parse_sync_client_argv(argv: list[str]) -> dict[str, str | bool] | None:
     return opts
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return []
-    return [w.decode(errors="replace") for w in raw.split(b"\0") if w]
-
-
 def find_sync_readers(imapd_conf: os.PathLike | str, channel: str | None,
                       exclude: set[int] = frozenset()) -> list[tuple[int, str]]:
     """Live `sync_client -r/-R` processes (without -f) reading this config's `channel`.
@@ -220,7 +211,7 @@ def find_sync_readers(imapd_conf: os.PathLike | str, channel: str | None,
         pid = int(entry.name)
         if pid in exclude or pid == os.getpid():
             continue
-        argv = _cmdline(pid)
+        argv = proc.cmdline(pid)
         # the first word naming sync_client: also catches wrappers (`cyrus sync_client …`,
         # `flock F sync_client …`, an interpreter running a script called sync_client)
         start = next((i for i, w in enumerate(argv) if os.path.basename(w) == "sync_client"), None)

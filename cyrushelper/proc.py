@@ -60,6 +60,15 @@ def alive(pid: int) -> bool:
     return p is not None and not p.zombie
 
 
+def cmdline(pid: int) -> list[str]:
+    """argv of PID ([] if it vanished, is a zombie or a kernel thread)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
 def children(pid: int) -> list[int]:
     return sorted(p.pid for p in all_processes() if p.ppid == pid)
 

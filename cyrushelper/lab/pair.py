@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from cyrushelper.config import Channel, Instance, cyrus_bin_dir
+from cyrushelper.proc import alive, cmdline, session_members
 from cyrushelper.synclog import Backlog, backlog, pending_files
 
 WHICH = ("primary", "replica")
@@ -112,41 +113,6 @@ def _check_channels(channels: list[str] | None) -> list[str] | None:
 
 # --------------------------------------------------------------------------- processes
 
-def _session_members(sid: int) -> list[int]:
-    """PIDs whose session id is `sid` (master is a session leader: its children share its sid)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        # fields[0] is the state, fields[3] the session id
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(entry))
-    return members
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:][:1] != "Z"
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
 def port_free(port: int, host: str = LOOPBACK) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -158,7 +124,7 @@ def port_free(port: int, host: str = LOOPBACK) -> bool:
 
 
 def wait_for_greeting(port: int, prefix: bytes, timeout: float, host: str = LOOPBACK,
-                      alive=lambda: True) -> float:
+                      still_running=lambda: True) -> float:
     """Seconds until a server on `port` greets with `prefix`; LabError after `timeout`."""
     start = time.monotonic()
     last = "no attempt"
@@ -171,7 +137,7 @@ def wait_for_greeting(port: int, prefix: bytes, timeout: float, host: str = LOOP
             last = f"unexpected greeting {greeting[:60]!r}"
         except OSError as e:
             last = str(e)
-        if not alive():
+        if not still_running():
             raise LabError(f"server for port {port} exited before greeting ({last})")
         if time.monotonic() - start > timeout:
             raise LabError(f"no {prefix.decode()!r} greeting on {host}:{port} within {timeout}s ({last})")
@@ -354,7 +320,7 @@ class CyrusPair:
             pid = int(self.pid_file(which).read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        if _alive(pid) and str(self.imapd_conf(which)) in _cmdline(pid):
+        if alive(pid) and str(self.imapd_conf(which)) in cmdline(pid):
             return pid
         return None
 
@@ -387,10 +353,10 @@ class CyrusPair:
             log.close()
         self._procs[which] = proc
         try:
-            wait_for_greeting(self.imap_port(which), b"* OK", timeout, alive=lambda: proc.poll() is None)
+            wait_for_greeting(self.imap_port(which), b"* OK", timeout, still_running=lambda: proc.poll() is None)
             if which == "primary":
                 wait_for_greeting(self.ports.primary_lmtp, b"220", timeout,
-                                  alive=lambda: proc.poll() is None)
+                                  still_running=lambda: proc.poll() is None)
         except LabError as e:
             self.stop(which, timeout=5)
             tail = (self.log_dir / f"{which}-master.log").read_text(errors="replace")[-2000:]
@@ -411,8 +377,8 @@ class CyrusPair:
         deadline = start + timeout
         killed: list[int] = []
         while True:
-            master_gone = (proc.poll() is not None) if proc is not None else not _alive(pid)
-            members = [p for p in _session_members(pid) if p != pid]
+            master_gone = (proc.poll() is not None) if proc is not None else not alive(pid)
+            members = [p for p in session_members(pid) if p != pid]
             if master_gone and not members:
                 break
             if time.monotonic() >= deadline:
@@ -587,7 +553,7 @@ class SyslogSink:
         self.owner = False
         try:
             info = json.loads(_SINK_POINTER.read_text())
-            if (self.path == "/dev/log" and _alive(int(info["pid"]))
+            if (self.path == "/dev/log" and alive(int(info["pid"]))
                     and os.stat(self.path).st_ino == info["inode"]):
                 self.logfile = Path(info["logfile"])
                 self.capturing = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import re
 import tomllib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement

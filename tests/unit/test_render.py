@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import atomic, cli, exitcodes, render
-from cyrushelper.config import ConfigError, Instance
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBIAN = ROOT / "tests" / "data" / "debian"
