@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cyrushelper import exitcodes, proc, synclog
+from cyrushelper import exitcodes, proc, state, synclog
 from cyrushelper.atomic import write_atomic
 from cyrushelper.config import Channel, ConfigError, Instance, cyrus_bin_dir
 from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path, give_to_owner_of, state_dir
@@ -59,6 +59,10 @@ UNREACHABLE_MARKER = "Can not connect to server"
 NO_SHUTDOWN_FILE = "/dev/null/cyrushelper-drain-ignores-sync_shutdown_file"
 KILL_GRACE = 2.0               # SIGTERM -> SIGKILL of a sync_client we give up on
 STATUS_INTERVAL = 0.5
+# Past the deadline plus the kill grace, a channel thread still running means a sync_client that
+# survived SIGKILL (D state: hung disk or NFS). Stop the EXTEND pulses then, so systemd's
+# TimeoutStopSec becomes the backstop, and stop waiting for the thread a little later.
+OVERDUE_MARGIN = 10.0
 OUTPUT_LINES_KEPT = 50         # of one sync_client run, for messages
 LAST_DRAIN_FILE = "last-drain.json"
 # sync_client getopt string (imap/sync_client.c, 3.6): options followed by ':' take a value
@@ -139,8 +143,6 @@ def not_replicated_reason(instance: Instance, channel: Channel) -> str | None:
     if channel.name is not None and channel.name in squatter_channels(instance) \
             and not instance.imapd.get(f"{channel.name}_sync_host"):
         return "read by squatter, not by sync_client"
-    if not channel.host:
-        return "no sync_host for this channel"
     return None
 
 
@@ -397,6 +399,13 @@ class _ChannelDrainer:
         if reason:
             self._set("skipped", reason)
             return
+        if not ch.host:
+            # Events are pending and nobody may drop them: a missing (or misspelled)
+            # <channel>_sync_host is a configuration error, never a silent success.
+            key = f"{ch.name}_sync_host" if ch.name else "sync_host"
+            self._set("config", f"{ch.label} has pending events but no {key} in "
+                                f"{self.instance.imapd.path}; events kept")
+            return
         if not os.access(self.sync_client, os.X_OK):
             self._set("config", f"{self.sync_client} not found or not executable "
                                 "(install Cyrus's replication package or set CYRUSHELPER_CYRUS_BINDIR)")
@@ -528,17 +537,34 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
     def work(i: int) -> None:
         results[i] = drainers[i].run()
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"drain-{d.channel.label}")
+    threads = [threading.Thread(target=work, args=(i,), name=f"drain-{d.channel.label}", daemon=True)
                for i, d in enumerate(drainers)]
     for t in threads:
         t.start()
     last_status = None
+    overdue_at = end + 3 * KILL_GRACE + OVERDUE_MARGIN
     while alive := [t for t in threads if t.is_alive()]:
-        if progress is not None:
+        now = time.monotonic()
+        if now > overdue_at + OVERDUE_MARGIN:
+            break
+        if now > overdue_at:
+            if progress is not None:
+                log.error("drain overdue: a sync_client did not exit after SIGKILL (stuck in the kernel?); "
+                          "no more EXTEND_TIMEOUT_USEC, TimeoutStopSec applies")
+                progress = None
+        elif progress is not None:
             status = _status_line(chosen)
             progress(status if status != last_status else None)  # None: only the EXTEND pulse
             last_status = status
         alive[0].join(STATUS_INTERVAL)
+    for i, r in enumerate(results):
+        if r is None:  # its thread is stuck waiting for an unkillable sync_client
+            ch = drainers[i].channel
+            left = synclog.backlog(ch)
+            results[i] = ChannelResult(ch.label, str(ch.sync_dir), ch.replica_address, result="error",
+                                       lines_after=left.lines, files_after=list(left.files),
+                                       seconds=round(time.monotonic() - t0, 3),
+                                       message="sync_client did not exit after SIGKILL; events kept")
     final = [r for r in results if r is not None]
     report = DrainReport(instance.name, started, round(time.monotonic() - t0, 3), exitcodes.OK, final,
                          service=service, master_pid=mpid)
@@ -628,6 +654,20 @@ def service_outcome(environ: Mapping[str, str] = os.environ) -> dict:
             "exit_status": environ.get("EXIT_STATUS")}
 
 
+# The main process itself was killed or timed out: systemd then SIGKILLs the whole cgroup, so
+# Cyrus children may have died between a mailbox commit and its sync log line.
+KILLED_RESULTS = ("timeout", "signal", "core-dump", "watchdog")
+
+
+def _record_if_killed(instance: Instance, service: dict) -> None:
+    if service["result"] not in KILLED_RESULTS or state.unclean_stop(instance) is not None:
+        return
+    path = state.record_unclean_stop(instance, f"systemd ended the unit with SERVICE_RESULT="
+                                               f"{service['result']} (EXIT_CODE={service['exit_code']})", [])
+    log.error("stop recorded as unclean in %s: the next start recommends (or runs) a sync_client -A "
+              "reconcile", path)
+
+
 def _report_service(service: dict) -> None:
     if service["result"] is None:
         log.warning("--from-systemd but $SERVICE_RESULT is not set: not run as ExecStopPost?")
@@ -649,6 +689,7 @@ def main(args: argparse.Namespace) -> int:
     service = service_outcome() if args.from_systemd else None
     if service is not None:
         _report_service(service)
+        _record_if_killed(instance, service)
     notifier = Notifier()
     pulse = Pulse(notifier, extend=30.0, interval=5.0) if notifier.enabled else None
     stop = threading.Event()

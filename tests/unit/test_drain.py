@@ -610,3 +610,81 @@ def test_channel_lock_bounded_wait(tmp_path):
     a.release()
     b.acquire(wait=0)
     b.release()
+
+
+# --------------------------------------------------------------------------- review fixes
+
+def test_pending_events_without_sync_host_is_a_config_error_not_success(tmp_path):
+    """A channel whose <chan>_sync_host is missing (or misspelled) must not end 'drained'/0."""
+    from cyrushelper.config import Instance
+    from cyrushelper.drain import drain
+    conf = tmp_path / "imapd.conf"
+    cdir = tmp_path / "config"
+    (cdir / "sync" / "repl2").mkdir(parents=True)
+    conf.write_text(f"configdirectory: {cdir}\npartition-default: {tmp_path / 'spool'}\nsync_log: 1\n"
+                    "sync_log_channels: repl2\nrepl2_sync_hots: 127.0.0.1\n")
+    cyrus = tmp_path / "cyrus.conf"
+    cyrus.write_text("SERVICES {\n  imap cmd=\"imapd\" listen=\"127.0.0.1:1143\"\n}\n")
+    log = cdir / "sync" / "repl2" / "log"
+    log.write_text("APPEND user.alice\nAPPEND user.bob\n")
+    before = log.read_bytes()
+    inst = Instance.load(conf, cyrus, "t")
+    report = drain(inst, deadline=5, bindir=tmp_path, record=False)
+    (res,) = report.channels
+    assert res.result == "config" and "repl2_sync_host" in res.message
+    assert report.exit_code == exitcodes.CONFIG
+    assert log.read_bytes() == before
+
+
+def test_from_systemd_records_unclean_stop_when_systemd_killed_the_unit(tmp_path, monkeypatch):
+    from cyrushelper import state
+    from cyrushelper.config import Instance
+    from cyrushelper.drain import _record_if_killed
+    (tmp_path / "config").mkdir()
+    conf = tmp_path / "imapd.conf"
+    conf.write_text(f"configdirectory: {tmp_path / 'config'}\npartition-default: {tmp_path / 'spool'}\n")
+    cyrus = tmp_path / "cyrus.conf"
+    cyrus.write_text("SERVICES {\n  imap cmd=\"imapd\" listen=\"127.0.0.1:1143\"\n}\n")
+    inst = Instance.load(conf, cyrus, "t")
+    _record_if_killed(inst, {"result": "exit-code", "exit_code": "exited", "exit_status": "1"})
+    assert state.unclean_stop(inst) is None
+    _record_if_killed(inst, {"result": "timeout", "exit_code": "killed", "exit_status": "KILL"})
+    marker = state.unclean_stop(inst)
+    assert marker is not None and "SERVICE_RESULT=timeout" in marker["reason"]
+    # an existing (more detailed) marker from `run` is never overwritten
+    _record_if_killed(inst, {"result": "signal", "exit_code": "killed", "exit_status": "KILL"})
+    assert state.unclean_stop(inst)["reason"] == marker["reason"]
+
+
+def test_stuck_channel_thread_stops_pulses_and_drain_returns(tmp_path, monkeypatch):
+    """A sync_client that survives SIGKILL (D state) must not keep systemd's stop timer extended
+    for ever: pulses stop after the deadline + grace, and the drain returns with events kept."""
+    import threading
+    import time as time_mod
+    from cyrushelper.drain import drain
+    (tmp_path / "config" / "sync").mkdir(parents=True)
+    conf = tmp_path / "imapd.conf"
+    conf.write_text(f"configdirectory: {tmp_path / 'config'}\npartition-default: {tmp_path / 'spool'}\n"
+                    "sync_log: 1\nsync_host: 127.0.0.1\n")
+    cyrus = tmp_path / "cyrus.conf"
+    cyrus.write_text("SERVICES {\n  imap cmd=\"imapd\" listen=\"127.0.0.1:1143\"\n}\n")
+    (tmp_path / "config" / "sync" / "log").write_text("APPEND user.alice\n")
+    inst = Instance.load(conf, cyrus, "t")
+    release = threading.Event()
+    monkeypatch.setattr(drain_mod._ChannelDrainer, "run", lambda self: release.wait(30))
+    monkeypatch.setattr(drain_mod, "KILL_GRACE", 0.1)
+    monkeypatch.setattr(drain_mod, "OVERDUE_MARGIN", 0.5)
+    calls = []
+    t0 = time_mod.monotonic()
+    try:
+        report = drain(inst, deadline=0.5, progress=lambda s: calls.append(time_mod.monotonic() - t0),
+                       record=False)
+    finally:
+        release.set()
+    elapsed = time_mod.monotonic() - t0
+    assert elapsed < 5, elapsed
+    (res,) = report.channels
+    assert res.result == "error" and res.lines_after == 1 and "SIGKILL" in res.message
+    assert report.exit_code == exitcodes.FAILURE
+    # no pulse after the overdue point (deadline 0.5 + 3*0.1 + 0.5), except the final status
+    assert all(t < 0.5 + 0.3 + 0.5 + 0.6 for t in calls[:-1]), calls
