@@ -60,6 +60,20 @@ def alive(pid: int) -> bool:
     return p is not None and not p.zombie
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether PID has a handler installed for `sig` (SigCgt in /proc/PID/status). Cyrus children
+    install theirs with SA_RESETHAND: once a SIGTERM was delivered the bit is gone, and a second
+    SIGTERM would kill them at once instead of at the next safe point."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def cmdline(pid: int) -> list[str]:
     """argv of PID ([] if it vanished, is a zombie or a kernel thread)."""
     try:

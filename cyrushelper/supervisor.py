@@ -152,6 +152,9 @@ def probe_all(instance: Instance, timeout: float = 2.0) -> dict[str, str | None]
 
 # --------------------------------------------------------------------------- background jobs
 
+JOB_TERM_GRACE = 8.0
+
+
 @dataclass
 class Job:
     """Commands run one after another in a thread, each in a session of its own, under one
@@ -207,9 +210,13 @@ class Job:
             return
         proc.signal_pids([p.pid], signal.SIGTERM)
         try:
-            p.wait(timeout=3)
+            # longer than a drain needs to end its own sync_clients (SIGTERM, then SIGKILL after
+            # 2 s each): killed earlier, it would orphan a sync_client that keeps the channel lock
+            p.wait(timeout=JOB_TERM_GRACE)
+            return
         except subprocess.TimeoutExpired:
             pass
+        # still running, so not reaped: its PID (= session id) cannot have been reused
         proc.kill_session(p.pid)
         p.wait()
 
@@ -559,9 +566,12 @@ class Supervisor:
             # Master exits 0 only at the end of its graceful shutdown, after its children (and
             # then a second SIGTERM would kill a straggler at once). Killed by a signal or exiting
             # through fatal() (non-zero), it never told its children to stop: we do, once.
-            if code != 0:
-                log.warning("master left %d processes: SIGTERM to %s", len(left), self._describe(left))
-                proc.signal_pids(left, signal.SIGTERM)
+            # Only to those still catching SIGTERM: a child whose handler is gone already got
+            # master's SIGTERM (SA_RESETHAND) and a second one would kill it mid-write.
+            untold = [p for p in left if proc.catches(p, signal.SIGTERM)]
+            if code != 0 and untold:
+                log.warning("master left %d processes: SIGTERM to %s", len(left), self._describe(untold))
+                proc.signal_pids(untold, signal.SIGTERM)
             t0 = time.monotonic()
             pulse = Pulse(self.notifier, extend=self.options.extend_interval * 2 + 5,
                           interval=self.options.extend_interval)

@@ -363,3 +363,19 @@ def test_bad_arguments_are_usage_errors(fake):
                        env=fake.env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == exitcodes.CONFIG
     assert "/nonexistent/imapd.conf" in r.stderr
+
+
+def test_catches_reads_sigterm_handler_and_sees_sa_resethand():
+    """proc.catches tells a child that still waits for its first SIGTERM from one that got it."""
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+            "print('ready', flush=True); time.sleep(30)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        assert proc.catches(p.pid, signal.SIGTERM)
+        assert not proc.catches(p.pid, signal.SIGUSR2)
+    finally:
+        p.kill()
+        p.wait()
+    assert not proc.catches(p.pid, signal.SIGTERM)  # gone: no handler to speak of
