@@ -44,9 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cyrushelper import exitcodes, proc, state, synclog
-from cyrushelper.atomic import write_atomic
 from cyrushelper.config import Channel, ConfigError, Instance, cyrus_bin_dir
-from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path, give_to_owner_of, state_dir
+from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path, give_to_owner_of
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
 
 log = logging.getLogger("cyrushelper.drain")
@@ -64,7 +63,6 @@ STATUS_INTERVAL = 0.5
 # TimeoutStopSec becomes the backstop, and stop waiting for the thread a little later.
 OVERDUE_MARGIN = 10.0
 OUTPUT_LINES_KEPT = 50         # of one sync_client run, for messages
-LAST_DRAIN_FILE = "last-drain.json"
 # sync_client getopt string (imap/sync_client.c, 3.6): options followed by ':' take a value
 _SYNC_CLIENT_OPTS = "C:vlLS:F:f:w:t:d:n:rRNumsozOAp:1"
 
@@ -600,23 +598,12 @@ def _log_results(report: DrainReport) -> None:
                       r.replica, r.message)
 
 
-def last_drain_path(instance: Instance) -> Path:
-    return instance.imapd.configdirectory / "cyrushelper" / LAST_DRAIN_FILE
-
-
 def write_last_drain(instance: Instance, report: DrainReport) -> Path:
     """Atomically replace `{configdirectory}/cyrushelper/last-drain.json` (read by `status`)."""
-    target = state_dir(instance.imapd.configdirectory) / LAST_DRAIN_FILE
-    write_atomic(target, json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
+    target = state.ensure_state_dir(instance) / state.LAST_DRAIN
+    state.write_json_atomic(target, report.to_json())
     give_to_owner_of(target, target.parent)
     return target
-
-
-def read_last_drain(instance: Instance) -> dict | None:
-    try:
-        return json.loads(last_drain_path(instance).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- command line

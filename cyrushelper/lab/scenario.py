@@ -24,7 +24,7 @@ from pathlib import Path
 from cyrushelper.config import Instance
 from cyrushelper.lab.container import SystemdContainer
 from cyrushelper.lab.pair import CyrusPair
-from cyrushelper.synclog import backlog
+from cyrushelper.synclog import backlog, count_lines
 
 LAB_PARENT = Path(os.environ.get("CYRUSHELPER_LAB_PARENT", "/var/lib/cyrushelper-lab"))
 STOCK_UNIT = "cyrus-stock-primary.service"
@@ -176,7 +176,7 @@ class LabSystem:
     def wait_acknowledged(self, record: Path, count: int, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
         while True:
-            n = _count_lines(record)
+            n = count_lines(record)
             if n >= count or time.monotonic() > deadline:
                 return n
             time.sleep(0.1)
@@ -214,14 +214,6 @@ class LabSystem:
         """Cyrus children that got SIGTERM from someone other than master (a double SIGTERM)."""
         return [line for line in self.c.journal().splitlines()
                 if "graceful shutdown initiated by unexpected process" in line]
-
-
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
 
 
 def new_workdir(tag: str) -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import drain as drain_mod
-from cyrushelper import exitcodes
+from cyrushelper import exitcodes, state
 from cyrushelper.config import Instance
 from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path
 from cyrushelper.notify import Notifier, Pulse
@@ -219,7 +219,7 @@ def test_state_file_records_the_last_drain(fake):
     saved = json.loads((fake.confdir / "cyrushelper" / "last-drain.json").read_text())
     assert saved["exit_code"] == 0 and saved["result"] == "drained"
     assert saved["channels"][0]["lines_before"] == 2
-    assert saved == drain_mod.read_last_drain(fake.instance()) == json.loads(json.dumps(report.to_json()))
+    assert saved == state.last_drain(fake.instance()) == json.loads(json.dumps(report.to_json()))
     assert not [p for p in (fake.confdir / "cyrushelper").iterdir() if p.name.endswith(".tmp")]
 
 
