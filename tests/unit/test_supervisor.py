@@ -152,6 +152,31 @@ def test_stuck_child_bounded_stop_kills_session_and_marks_unclean(fake, notify, 
     assert report["last_stop"]["result"] == "unclean"
 
 
+@pytest.mark.parametrize("mode,extra,expected", [
+    ("", [], exitcodes.OK),
+    ("stuck_child", ["--stop-timeout", "1"], exitcodes.UNCLEAN_STOP),
+])
+def test_repeated_sigterm_until_exit_never_replaces_the_exit_code(fake, notify, helpers, mode, extra,
+                                                                   expected):
+    """systemd or an operator may repeat SIGTERM at any moment of a stop, also while the process is
+    already exiting; death by SIGTERM would hide an unclean stop (exit 70) from systemd. Flooding
+    with SIGTERM until the process is gone covers interpreter finalization, where CPython resets
+    Python-level handlers to SIG_DFL."""
+    h = helpers(fake, notify, mode, extra=extra)
+    notify.wait_for("READY", "1")
+    sent = 0
+    while h.p.poll() is None:
+        try:
+            h.signal()
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.001)
+    assert h.wait() == expected, h.output
+    assert sent > 1
+    assert fake.count("master SIGTERM") == 1
+
+
 def test_master_ignoring_sigterm_is_killed_after_deadline(fake, notify, helpers):
     h = helpers(fake, notify, "ignore_term", extra=["--stop-timeout", "1"])
     notify.wait_for("READY", "1")
