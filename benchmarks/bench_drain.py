@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Drain speed: `cyrushelper drain` vs a bare `sync_client -R -1` loop, on the same real backlog.
 
-Needs root and Cyrus 3.6 (builds a primary + replica pair on loopback with cyrushelper.lab.pair).
+Needs root and Cyrus 3.6 (builds a primary + replica pair on loopback with testbed.pair).
 For each backlog size it delivers mail by LMTP with the primary's rolling client off, stops the
 primary and saves its sync log and the (stopped) replica's whole tree. Every trial then restores
 both, so each contestant replays exactly the same events into exactly the same replica state;
@@ -34,8 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cyrushelper import drain as drain_mod  # noqa: E402
-from cyrushelper.lab.mail import deliver_lmtp  # noqa: E402
-from cyrushelper.lab.pair import CyrusPair  # noqa: E402
+from testbed.mail import deliver_lmtp  # noqa: E402
+from testbed.pair import CyrusPair  # noqa: E402
 from cyrushelper.notify import Notifier, Pulse  # noqa: E402
 from cyrushelper.synclog import count_lines  # noqa: E402
 

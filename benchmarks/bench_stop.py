@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cyrushelper.lab.container import SystemdContainer  # noqa: E402
-from cyrushelper.lab.scenario import LabSystem, new_workdir  # noqa: E402
+from testbed.container import SystemdContainer  # noqa: E402
+from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 CONTESTANTS = ("cyrushelper", "stock")
 

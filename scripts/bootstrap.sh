@@ -36,4 +36,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[journal,test]'
+# The test bed (testbed/: Cyrus pair, LMTP load, throwaway systemd, the demo) is not part of the
+# product and not in the wheel or the packages: only this development venv imports it, from here.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$(pwd)" > "$site/cyrushelper-testbed.pth"
 echo "bootstrap: ready ($(.venv/bin/python --version), $(/usr/lib/cyrus/bin/master -V 2>&1 | head -1 || echo cyrus))"

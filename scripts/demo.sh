@@ -5,4 +5,4 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/bootstrap.sh
-exec .venv/bin/python -m cyrushelper.lab.demo "$@"
+exec .venv/bin/python -m testbed.demo "$@"

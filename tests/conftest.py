@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cyrushelper.config import cyrus_bin_dir
-from cyrushelper.lab.pair import CyrusPair, Ports, SyslogSink, port_free
+from testbed.pair import CyrusPair, Ports, SyslogSink, port_free
 
 PORT_STEP = 1000
 PORT_TOP = 65535 - 300
@@ -157,7 +157,7 @@ def cyrus_pair(cyrus_pair_factory) -> CyrusPair:
 
 # ---- throwaway systemd container (helper B) ----
 
-from cyrushelper.lab.container import SystemdContainer, unavailable_reason  # noqa: E402
+from testbed.container import SystemdContainer, unavailable_reason  # noqa: E402
 
 
 def require_container_host() -> None:
@@ -180,7 +180,7 @@ def container_host() -> None:
 
 @pytest.fixture
 def systemd_container(tmp_path):
-    """A booted SystemdContainer (real systemd as PID 1; see cyrushelper/lab/container.py), halted
+    """A booted SystemdContainer (real systemd as PID 1; see testbed/container.py), halted
     and its cgroup removed afterwards. Its journal is printed at teardown (pytest shows it for
     failing tests)."""
     require_container_host()

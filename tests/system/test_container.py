@@ -1,4 +1,4 @@
-"""The throwaway real systemd test bed (cyrushelper.lab.container): it boots, runs Type=notify
+"""The throwaway real systemd test bed (testbed.container): it boots, runs Type=notify
 units that use the project's own Notifier, and leaves nothing behind however the test ends."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cyrushelper.lab.container import SystemdContainer, repository_root
+from testbed.container import SystemdContainer, repository_root
 
 pytestmark = pytest.mark.system
 
@@ -230,7 +230,7 @@ def test_cleanup_when_with_block_raises(tmp_path, container_host):
 OWNER = textwrap.dedent('''\
     import json, os, sys, time
     from pathlib import Path
-    from cyrushelper.lab.container import SystemdContainer
+    from testbed.container import SystemdContainer
     box = SystemdContainer(Path(sys.argv[1]))
     box.__enter__()
     sandbox_init = int(Path(f"/proc/{box.nspawn_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -1,6 +1,6 @@
-"""`cyrushelper drain` on REAL Cyrus 3.6: a primary + replica pair on loopback (cyrushelper.lab.pair).
+"""`cyrushelper drain` on REAL Cyrus 3.6: a primary + replica pair on loopback (testbed.pair).
 
-Mail goes in by LMTP with an exact record of every 250 (cyrushelper.lab.mail); the primary is
+Mail goes in by LMTP with an exact record of every 250 (testbed.mail); the primary is
 stopped without a rolling client, so the backlog sits in its sync logs; `cyrushelper drain` (the
 command line, as the unit runs it) must leave no sync log behind and every acknowledged message
 on the replica — or, when it cannot, keep every byte of every log and say so with its exit code.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import exitcodes
-from cyrushelper.lab.mail import compare_storage, deliver_lmtp, verify_on_replica
+from testbed.mail import compare_storage, deliver_lmtp, verify_on_replica
 from cyrushelper.locks import ChannelLock, channel_lock_path
 
 pytestmark = pytest.mark.system

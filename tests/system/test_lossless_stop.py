@@ -1,5 +1,5 @@
 """End to end, on the real thing: Cyrus 3.6 from Debian run by cyrushelper's generated units
-inside a throwaway systemd 252 booted as PID 1 (cyrushelper.lab.scenario).
+inside a throwaway systemd 252 booted as PID 1 (testbed.scenario).
 
 What the product promises an operator:
 - `systemctl stop|restart cyrus@primary` under continuous LMTP load ends `Result=success` with
@@ -23,8 +23,8 @@ import time
 import pytest
 
 from cyrushelper import exitcodes
-from cyrushelper.lab.container import SystemdContainer
-from cyrushelper.lab.scenario import LabSystem, new_workdir
+from testbed.container import SystemdContainer
+from testbed.scenario import LabSystem, new_workdir
 from tests.conftest import require_container_host, require_root_and_cyrus
 
 pytestmark = pytest.mark.system

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cyrushelper.lab.container import SystemdContainer
-from cyrushelper.lab.scenario import LabSystem, new_workdir
+from testbed.container import SystemdContainer
+from testbed.scenario import LabSystem, new_workdir
 from tests.conftest import require_container_host, require_root_and_cyrus
 
 pytestmark = pytest.mark.system

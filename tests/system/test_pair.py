@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cyrushelper.lab.mail import LmtpLoad, compare_storage, deliver_lmtp, verify_on_replica
+from testbed.mail import LmtpLoad, compare_storage, deliver_lmtp, verify_on_replica
 from cyrushelper.synclog import pending_files
 
 pytestmark = pytest.mark.system

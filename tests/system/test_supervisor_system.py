@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import exitcodes, proc
-from cyrushelper.lab.pair import CyrusPair, Ports, port_free
+from testbed.pair import CyrusPair, Ports, port_free
 
 from tests.unit.test_supervisor_fakes import NotifySocket  # noqa: E402
 

@@ -1,16 +1,19 @@
 """The Cyrus configuration model (cyrushelper/config.py) on real, adapted and hand-broken files.
 
-Data: tests/data/debian (Debian 12's pristine conffiles), tests/data/lab (the measured lab pair with
-@LAB@ = /srv/cyrus-lab), tests/data/fedora (Fedora's layout), tests/data/broken (one mistake each).
+Data: tests/data/debian (Debian 12's pristine conffiles), the lab pair's files as the test bed
+renders them for /srv/cyrus-lab, tests/data/fedora (Fedora's layout), tests/data/broken (one mistake each).
 The tests marked `system` ask Cyrus 3.6's own parsers (cyr_info) whether they agree with ours.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,14 +21,18 @@ import pytest
 from cyrushelper import exitcodes
 from cyrushelper.config import (ConfigError, Instance, parse_cyrus_conf, parse_imapd_conf, parse_listen,
                                 parse_switch)
+from testbed.pair import write_lab_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 DEBIAN = DATA / "debian"
-LAB = DATA / "lab"
+# The lab pair's configuration exactly as the test bed renders it (never a hand copy that drifts).
+LABDIR = "/srv/cyrus-lab"
+_LAB_TMP = tempfile.mkdtemp(prefix="cyrushelper-labconf-")
+atexit.register(shutil.rmtree, _LAB_TMP, True)
+LAB = write_lab_configs(Path(_LAB_TMP) / "lab", root=LABDIR)  # "lab/…" in test ids, as before
 FEDORA = DATA / "fedora"
 BROKEN = DATA / "broken"
-LABDIR = "/srv/cyrus-lab"
 CYR_INFO = Path("/usr/lib/cyrus/bin/cyr_info")
 
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from cyrushelper.lab import container
-from cyrushelper.lab.container import (cgroup2_mount, host_enabled_units, needs_bind, parse_bind,
+from testbed import container
+from testbed.container import (cgroup2_mount, host_enabled_units, needs_bind, parse_bind,
                                        parse_mountinfo, parse_show)
 
 HYBRID = """\

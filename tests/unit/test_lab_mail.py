@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cyrushelper.lab.mail import (LmtpLoad, Record, RecordError, Report, deliver_lmtp, login_name, message,
+from testbed.mail import (LmtpLoad, Record, RecordError, Report, deliver_lmtp, login_name, message,
                                   parse_mbexamine, parse_record_line, read_records)
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cyrushelper.config import Instance
-from cyrushelper.lab.pair import CyrusPair, LabError, Ports, SyslogSink, fill, port_free, template_text
+from testbed.pair import CyrusPair, LabError, Ports, SyslogSink, fill, port_free, template_text
 
 
 def write_rendered(pair: CyrusPair) -> None:

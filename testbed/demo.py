@@ -1,7 +1,7 @@
 """The README's main-job demo: a real Cyrus primary+replica under a real (throwaway) systemd,
 mail load, `systemctl stop`, the drain, and the proof - then the same with a stock unit.
 
-    python -m cyrushelper.lab.demo [--load-seconds 4] [--keep]
+    python -m testbed.demo [--load-seconds 4] [--keep]
 
 Needs root, Cyrus and systemd-container (scripts/demo.sh installs them). Nothing on the host
 changes: the container's root is an overlay on tmpfs, the pair lives in a scratch directory.
@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 
-from cyrushelper.lab.container import SystemdContainer
-from cyrushelper.lab.scenario import LabSystem, StopMeasure, new_workdir
+from testbed.container import SystemdContainer
+from testbed.scenario import LabSystem, StopMeasure, new_workdir
 
 PRIMARY = "cyrus@primary.service"
 REPLICA = "cyrus@replica.service"
@@ -112,7 +112,7 @@ def run(load_seconds: float, keep: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cyrushelper.lab.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m testbed.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load-seconds", type=float, default=4.0,
                         help="seconds of LMTP load before each stop (default 4)")

@@ -1,6 +1,6 @@
 """A real Cyrus primary + replica on loopback, built from scratch: the project's own test bed.
 
-`CyrusPair(root, port_base)` renders the config templates shipped in `cyrushelper/lab/pair/`
+`CyrusPair(root, port_base)` renders the config templates shipped in `testbed/pair/`
 (placeholders `@NAME@`) into `root/primary` and `root/replica`, adds the SASL users and hands the
 trees to `cyrus:mail`. It can run both masters directly on the host (own session each, stopped by
 PID with a deadline), drain the primary with a bare `sync_client -R -1` loop (the baseline the
@@ -84,8 +84,8 @@ class DrainResult:
 # --------------------------------------------------------------------------- rendering
 
 def template_text(name: str) -> str:
-    """A shipped config template (package data in cyrushelper/lab/pair/)."""
-    return resources.files("cyrushelper.lab").joinpath("pair", name).read_text(encoding="utf-8")
+    """A shipped config template (package data in testbed/pair/)."""
+    return resources.files("testbed").joinpath("pair", name).read_text(encoding="utf-8")
 
 
 def fill(template: str, values: dict[str, str], name: str = "template") -> str:
@@ -109,6 +109,29 @@ def _check_channels(channels: list[str] | None) -> list[str] | None:
         if name and not _CHANNEL_NAME_RE.fullmatch(name):
             raise LabError(f"bad channel name {name!r} (letters, digits, _ . - only)")
     return list(channels)
+
+
+LAB_CONFIG_FILES = {
+    # file name: (which, kind, rolling)
+    "primary-imapd.conf": ("primary", "imapd", False),
+    "primary-cyrus.conf": ("primary", "cyrus", False),
+    "primary-cyrus-rolling.conf": ("primary", "cyrus", True),
+    "replica-imapd.conf": ("replica", "imapd", False),
+    "replica-cyrus.conf": ("replica", "cyrus", False),
+}
+
+
+def write_lab_configs(directory: os.PathLike | str, root: str = "/srv/cyrus-lab",
+                      port_base: int = 11000) -> Path:
+    """The pair's configuration files for `root`, rendered exactly as create() would, into
+    `directory` (named as in LAB_CONFIG_FILES) for tests that only parse them. Returns directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rendered = {rolling: CyrusPair(root, port_base=port_base, rolling=rolling).render()
+                for rolling in (False, True)}
+    for name, (which, kind, rolling) in LAB_CONFIG_FILES.items():
+        (directory / name).write_text(rendered[rolling][f"{which}/{kind}.conf"], encoding="utf-8")
+    return directory
 
 
 # --------------------------------------------------------------------------- processes

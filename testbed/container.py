@@ -180,7 +180,7 @@ def parse_show(text: str) -> dict[str, str]:
 
 def repository_root() -> Path:
     """The checkout (or installation) this package runs from."""
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[1]
 
 
 def unavailable_reason() -> str | None:

@@ -1,4 +1,4 @@
-"""`python -m cyrushelper.lab COMMAND`: the test bed's steps as commands, so a scenario can run
+"""`python -m testbed COMMAND`: the test bed's steps as commands, so a scenario can run
 them inside a throwaway systemd container (where the pair's loopback network lives).
 
   create ROOT [--port-base N] [--rolling] [--channels a,b]   build a primary+replica pair
@@ -15,8 +15,8 @@ import signal
 import sys
 import threading
 
-from cyrushelper.lab.mail import LmtpLoad, compare_storage, deliver_lmtp, verify_on_replica
-from cyrushelper.lab.pair import CyrusPair
+from testbed.mail import LmtpLoad, compare_storage, deliver_lmtp, verify_on_replica
+from testbed.pair import CyrusPair
 
 
 def _pair(args) -> CyrusPair:
@@ -26,7 +26,7 @@ def _pair(args) -> CyrusPair:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cyrushelper.lab", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("create", "load", "deliver", "verify"):

@@ -1,6 +1,6 @@
 """A real Cyrus primary+replica run by systemd units inside a throwaway systemd container.
 
-The end-to-end tests and the README demo share this: build the pair (`python -m cyrushelper.lab
+The end-to-end tests and the README demo share this: build the pair (`python -m testbed
 create` inside the container, whose private loopback holds the pair's ports), install either
 cyrushelper's generated units (`cyrus@primary`, `cyrus@replica`, umbrella `cyrus`) or a stock
 Debian-style unit for comparison, put LMTP load on the primary, stop, and measure: how long the
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cyrushelper.config import Instance
-from cyrushelper.lab.container import SystemdContainer
-from cyrushelper.lab.pair import CyrusPair
+from testbed.container import SystemdContainer
+from testbed.pair import CyrusPair
 from cyrushelper.synclog import backlog, count_lines
 
 LAB_PARENT = Path(os.environ.get("CYRUSHELPER_LAB_PARENT", "/var/lib/cyrushelper-lab"))
@@ -58,7 +58,7 @@ HIDDEN_FROM_UNITS = ("/tmp/", "/var/tmp/", "/root/", "/home/")  # PrivateTmp=, P
 
 def hidden_paths() -> list[str]:
     """Where this checkout and its interpreter live, if the unit's sandbox would hide them."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     candidates = [str(repo), str(Path(sys.prefix).resolve()), str(Path(sys.base_prefix).resolve())]
     hidden = []
     for path in candidates:
@@ -81,7 +81,7 @@ class LabSystem:
 
     # ------------------------------------------------------------------ helpers
     def lab(self, command: str, *args: str, timeout: float = 120, check: bool = True):
-        return self.c.run(self.python, "-m", "cyrushelper.lab", command, str(self.pair.root),
+        return self.c.run(self.python, "-m", "testbed", command, str(self.pair.root),
                           "--port-base", str(self.pair.port_base), *args, timeout=timeout, check=check)
 
     def cyrushelper(self, *args: str, timeout: float = 300, check: bool = False):
@@ -168,7 +168,7 @@ class LabSystem:
         unit = f"lab-load-{self._loads}.service"
         record = self.workdir / f"load-{self._loads}.record"
         self.c.run("systemd-run", f"--unit={unit}", "--quiet", "--property=KillMode=mixed",
-                   self.python, "-m", "cyrushelper.lab", "load", str(self.pair.root),
+                   self.python, "-m", "testbed", "load", str(self.pair.root),
                    "--port-base", str(self.pair.port_base), "--record", str(record),
                    "--seconds", str(seconds), "--users", users, "--pause", str(pause))
         return unit, record

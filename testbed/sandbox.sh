@@ -1,5 +1,5 @@
 #!/bin/bash
-# sandbox.sh -- the process side of cyrushelper.lab.container.SystemdContainer (see there);
+# sandbox.sh -- the process side of testbed.container.SystemdContainer (see there);
 # started by the container's keeper through `unshare --mount --cgroup --pid --fork --mount-proc`.
 #
 #   sandbox.sh init CGROUP NSPAWN-ARGS...

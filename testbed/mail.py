@@ -47,7 +47,7 @@ def login_name(rcpt: str) -> str:
 
 
 def password_for(user: str) -> str:
-    return user + "pass"  # the lab's convention (cyrushelper.lab.pair.USERS)
+    return user + "pass"  # the lab's convention (testbed.pair.USERS)
 
 
 # --------------------------------------------------------------------------- the record
