@@ -29,6 +29,7 @@ DEBIAN = DATA / "debian"
 # The lab pair's configuration exactly as the test bed renders it (never a hand copy that drifts).
 LABDIR = "/srv/cyrus-lab"
 _LAB_TMP = tempfile.mkdtemp(prefix="cyrushelper-labconf-")
+os.chmod(_LAB_TMP, 0o755)  # cyr_info (system tests below) reads them as user cyrus
 atexit.register(shutil.rmtree, _LAB_TMP, True)
 LAB = write_lab_configs(Path(_LAB_TMP) / "lab", root=LABDIR)  # "lab/…" in test ids, as before
 FEDORA = DATA / "fedora"
