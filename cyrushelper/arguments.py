@@ -51,10 +51,18 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def nonempty(text: str) -> str:
+    """A path argument that must not be empty (an empty --output would mean the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def load_instance(args: argparse.Namespace, warn: bool = False) -> Instance:
     """The instance the command line names; with `warn`, its configuration warnings are logged."""
     instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
     if warn:
-        for warning in instance.warnings + channels.warnings(instance):
+        hostless = [channels.hostless_message(c, where) for c, where in channels.hostless_channels(instance)]
+        for warning in instance.warnings + channels.warnings(instance) + hostless:
             log.warning("%s", warning)
     return instance

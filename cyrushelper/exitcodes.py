@@ -11,6 +11,7 @@ SYNC_FAILED = 76          # EX_PROTOCOL: the replica answered but refused/failed
 DEADLINE = 75             # EX_TEMPFAIL: work remained when our deadline ran out; events kept
 LOCKED = 73               # another drainer holds a channel's lock (rolling sync_client, manual drain)
 UNCLEAN_STOP = 70         # EX_SOFTWARE: master had to be SIGKILLed; events may be missing (reconcile)
+IO_ERROR = 74             # EX_IOERR: an output could not be written (disk full, read-only); nothing half-written
 CONFIG = 78               # EX_CONFIG: imapd.conf / cyrus.conf / arguments refused (file:line printed)
 
 DESCRIPTIONS = {
@@ -22,6 +23,8 @@ DESCRIPTIONS = {
     DEADLINE: "deadline reached with work left: events kept, rerun drain",
     SYNC_FAILED: "replica answered but a batch failed: events kept, see the journal",
     UNCLEAN_STOP: "master needed SIGKILL: stop recorded as unclean, reconcile with sync_client -A",
+    IO_ERROR: "could not write the output (disk full, read-only, permissions): nothing half-written, "
+              "the previous output intact",
     CONFIG: "configuration error (message names file:line); nothing written",
 }
 
