@@ -4,6 +4,7 @@ Listed in `cyrushelper --help` and the README; a test keeps all three in step.
 """
 
 OK = 0                    # done: for `drain`, every channel's log and log-run are gone
+RECONCILE_NEEDED = 65     # EX_DATAERR: events may be missing that no log replay recovers (reconcile)
 FAILURE = 1               # an unexpected error (a bug, or master died on its own)
 USAGE = 2                 # bad command line, or a subcommand that is not implemented yet
 REPLICA_UNREACHABLE = 69  # EX_UNAVAILABLE: the replica did not answer; every event kept for the next run
@@ -18,6 +19,9 @@ DESCRIPTIONS = {
     OK: "success (for drain: every sync log of every channel replicated and removed)",
     FAILURE: "unexpected failure (e.g. master died on its own); see the journal",
     USAGE: "usage error, or subcommand not implemented yet",
+    RECONCILE_NEEDED: "events may be missing that no log replay recovers (Cyrus failed to write its sync "
+                      "log, a damaged line, an unclean stop): reconcile with sync_client -A, or "
+                      "`drain --reconcile auto`",
     REPLICA_UNREACHABLE: "replica unreachable: events kept untouched, the next start or drain replays them",
     LOCKED: "another drainer (rolling sync_client, manual drain) holds a channel lock",
     DEADLINE: "deadline reached with work left: events kept, rerun drain",

@@ -3,6 +3,13 @@
 - `unclean-stop.json`: written when a stop needed SIGKILL (a replication event may be missing).
   It stays until a reconcile (`sync_client -A` on every channel) succeeded or an operator
   acknowledged it (`cyrushelper status --ack-unclean`); `run` and `status` report it.
+- `sync-log-failure.json`, its sibling with the same meaning and the same clearing rules: a
+  mailbox change may have no sync log line, so no log replay can bring it to the replica. Written
+  when Cyrus reported a failed sync log write (lmtpd still answers 250: "write() to …/sync/log
+  failed: No space left on device"), when the sync file system was seen full or read-only while
+  Cyrus ran, or when a drain found a line Cyrus's reader would drop (a cut-off or damaged line).
+  It holds the latest event with its evidence, the first one and how many there were.
+- `last-reconcile.json`: which markers the last reconcile (or acknowledgement) cleared, and when.
 - `last-stop.json`: how the last stop ended (clean/unclean/master died), for `status`.
 - `last-drain.json`: how the last `cyrushelper drain` ended, per channel.
 - `drain[.CHANNEL].lock`: the drainers' channel locks (locks.py takes them; they live here).
@@ -23,8 +30,17 @@ from cyrushelper.config import Instance
 
 DIRNAME = "cyrushelper"
 UNCLEAN_STOP = "unclean-stop.json"
+SYNC_LOG_FAILURE = "sync-log-failure.json"
 LAST_STOP = "last-stop.json"
 LAST_DRAIN = "last-drain.json"
+LAST_RECONCILE = "last-reconcile.json"
+# the markers that mean "reconcile before trusting the replica", and what clears them
+RECONCILE_MARKERS = (UNCLEAN_STOP, SYNC_LOG_FAILURE)
+RECONCILE_CLEARED_BY = ("a reconcile that succeeds on every channel (`run --reconcile=auto` at the next start, "
+                        "`drain --reconcile=auto`), or `cyrushelper status --ack-unclean` after "
+                        "`sync_client -A` by hand")
+SYNC_LOG_FAILURE_MEANING = ("a mailbox change may have no sync log line (Cyrus could not write it, or the "
+                            "line is damaged): no log replay recovers it")
 
 
 def directory(configdirectory: os.PathLike | str) -> Path:
@@ -95,6 +111,73 @@ def clear_unclean_stop(instance: Instance) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def record_sync_log_failure(instance: Instance, reason: str, evidence: dict | None = None) -> Path:
+    """Record the latest event that may have cost a sync log line; earlier ones stay counted."""
+    path = ensure_state_dir(instance) / SYNC_LOG_FAILURE
+    previous = read_json(path) or {}
+    if "error" in previous:
+        previous = {}
+    now = now_iso()
+    write_json_atomic(path, {
+        "time": now,
+        "reason": reason,
+        "evidence": evidence or {},
+        "instance": instance.name,
+        "events": int(previous.get("events", 0)) + 1,
+        "first_time": previous.get("first_time", now),
+        "first_reason": previous.get("first_reason", reason),
+        "meaning": SYNC_LOG_FAILURE_MEANING,
+        "cleared_by": RECONCILE_CLEARED_BY,
+    })
+    return path
+
+
+def sync_log_failure(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / SYNC_LOG_FAILURE)
+
+
+def reconcile_markers(instance: Instance) -> dict[str, dict]:
+    """The markers present, by file name: each means a reconcile must run before a clean result."""
+    found = {}
+    for name in RECONCILE_MARKERS:
+        marker = read_json(state_dir(instance) / name)
+        if marker is not None:
+            found[name] = marker
+    return found
+
+
+def clear_reconcile_markers(instance: Instance, by: str) -> list[str]:
+    """Remove every marker after a proof (`by` says which); they go to last-reconcile.json.
+    Returns the names cleared."""
+    markers = reconcile_markers(instance)
+    if not markers:
+        return []
+    directory = ensure_state_dir(instance)
+    write_json_atomic(directory / LAST_RECONCILE, {"time": now_iso(), "by": by, "cleared": markers})
+    for name in markers:
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            pass
+    return sorted(markers)
+
+
+def last_reconcile(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / LAST_RECONCILE)
+
+
+def describe_marker(name: str, marker: dict) -> str:
+    """One line for a reconcile marker: what happened, when, how often."""
+    if "error" in marker:
+        return marker["error"]
+    what = "unclean stop" if name == UNCLEAN_STOP else "sync log events may be missing"
+    text = f"{what} at {marker.get('time', '?')}: {marker.get('reason', '?')}"
+    events = int(marker.get("events", 1))
+    if events > 1:
+        text += f" (the latest of {events} since {marker.get('first_time', '?')})"
+    return text
 
 
 def record_last_stop(instance: Instance, result: dict) -> None:
