@@ -51,6 +51,14 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def percent(text: str) -> float:
+    """A share in percent, 0 to 100."""
+    value = _number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be between 0 and 100")
+    return value
+
+
 def nonempty(text: str) -> str:
     """A path argument that must not be empty (an empty --output would mean the working directory)."""
     if not text.strip():

@@ -31,8 +31,9 @@ from cyrushelper.notify import strip_notify_env
 JOURNALCTL = "journalctl"
 # systemd's catalog id of journald's "Suppressed N messages from UNIT" (SD_MESSAGE_JOURNAL_DROPPED)
 JOURNAL_DROPPED = "a596d6fe7bfa4994828e72309e95d61e"
-SYNC_LOG_FAILURE_RE = re.compile(r"write\(\) to (?P<file>\S+) failed: |sync_log\(\): (?:Unable to write to log "
-                                 r"file|Failed to lock) (?P<file2>\S+)")
+# the file is a channel's log: {configdirectory}/sync/log or …/sync/CHANNEL/log
+SYNC_LOG_FAILURE_RE = re.compile(r"write\(\) to \S*/sync/(?:[^/\s]+/)?log failed: |sync_log\(\): (?:Unable to "
+                                 r"write to log file|Failed to lock) \S*/sync/")
 # journalctl --grep (PCRE2) keeps the rest of Cyrus's chatter (every login) out of our pipe
 GREP = r"write\(\) to \S+ failed|sync_log\(\): |Suppressed \d+ messages"
 QUERY_TIMEOUT = 30.0
@@ -104,7 +105,7 @@ def parse(line: bytes | str) -> Entry | None:
                  str(data.get("SYSLOG_IDENTIFIER", "?")), str(data.get("__CURSOR", "")), usec)
 
 
-def _matches(invocation: str) -> list[str]:
+def invocation_matches(invocation: str) -> list[str]:
     # journalctl ORs match groups separated by "+": this invocation's lines, or journald's drops
     return [f"_SYSTEMD_INVOCATION_ID={invocation}", "+", f"MESSAGE_ID={JOURNAL_DROPPED}"]
 
@@ -144,7 +145,7 @@ def failures(invocation: str, unit: str | None, after_cursor: str | None = None)
     """Sync log write failures (and journald drops of `unit`) logged by this invocation after
     `after_cursor` (or since it began); None when the journal could not be read."""
     sync_journal()
-    args = [f"--grep={GREP}", *_matches(invocation)]
+    args = [f"--grep={GREP}", *invocation_matches(invocation)]
     if after_cursor:
         args.append(f"--after-cursor={after_cursor}")
     entries = query(*args)
@@ -171,7 +172,7 @@ class Follower:
     def _start(self) -> None:
         args = [JOURNALCTL, "--no-pager", "-q", "-o", "json", "--follow", f"--grep={GREP}"]
         args += [f"--after-cursor={self.cursor}"] if self.cursor else ["--lines=0"]
-        self.proc = subprocess.Popen(args + _matches(self.invocation), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(args + invocation_matches(self.invocation), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      env=strip_notify_env(dict(os.environ)), start_new_session=True)
         os.set_blocking(self.proc.stdout.fileno(), False)

@@ -1,10 +1,15 @@
 """`cyrushelper status` (one report) and `cyrushelper watch` (live backlog, inotify driven).
 
 status exit codes (LSB-like, for scripts and monitoring):
-  0  master runs, every SERVICES listener accepts, no unclean-stop marker
-  1  master runs but needs attention: a listener does not accept, or the last stop was unclean
-  3  master is not running (the report still shows backlog, last stop and markers)
+  0  master runs, every SERVICES listener accepts, no problem
+  1  master runs but needs attention: a listener does not accept, or a problem below
+  3  master is not running (the report still shows backlog, last stop, markers and problems)
  78  configuration error
+
+Problems (`problems` in --json, a PROBLEM line each in the text), whether master runs or not: a
+reconcile marker (unclean stop, failed sync log writes), a sync file system that is full, read-only
+or below --space-warn, a channel directory with events that sync_log_channels no longer names, a
+sync log that is not a regular file or has a line Cyrus's reader would drop.
 """
 
 from __future__ import annotations
@@ -30,11 +35,36 @@ DEGRADED = 1
 NOT_RUNNING = 3
 
 STATUS_EPILOG = """status exit codes:
-    0  master runs, every SERVICES listener accepts, no unclean-stop marker
-    1  master runs but needs attention: a listener does not accept, or the last stop was unclean
-    3  master is not running (backlog, last stop and markers are still reported)
+    0  master runs, every SERVICES listener accepts, no problem
+    1  master runs but needs attention: a listener does not accept, or a PROBLEM line
+    3  master is not running (backlog, last stop, markers and PROBLEM lines are still reported)
    78  configuration error
 """
+
+
+def problems(instance: Instance, space_warn: float = synclog.DEFAULT_SPACE_WARN) -> list[str]:
+    """Every real problem of the instance's replication, one line each (see the module doc)."""
+    found = [f"{state.describe_marker(name, m)}: events may be missing that no log replay recovers; "
+             f"cleared by {state.RECONCILE_CLEARED_BY}"
+             for name, m in sorted(state.reconcile_markers(instance).items())]
+    for channel in instance.channels:
+        found += [f"channel {channel.label}: {path} is {kind}, not a regular file (Cyrus cannot append to it)"
+                  for path, kind in synclog.irregular_files(channel)]
+        for path in (channel.log_run, channel.log):
+            found += [f"channel {channel.label}: {d}" for d in synclog.scan(path, limit=3)]
+    seen = set()
+    for channel in instance.channels:
+        room = synclog.room(channel.sync_dir)
+        if room is None or (room.total_bytes, room.free_bytes) in seen:
+            continue
+        seen.add((room.total_bytes, room.free_bytes))
+        if room.full:
+            found.append(f"sync file system FULL: {room.describe()}: Cyrus's sync log writes fail")
+        elif room.percent_free < space_warn:
+            found.append(f"sync file system low: {room.describe()} (warning below {space_warn:g}%)")
+    found += [f"orphaned channel {o.label}: {o.lines} lines in {o.sync_dir} ({', '.join(o.files)}), which "
+              "sync_log_channels no longer names: nothing replays them" for o in synclog.orphaned_channels(instance)]
+    return found
 
 
 def collect(instance: Instance, probe: bool = True) -> dict:
@@ -53,6 +83,8 @@ def collect(instance: Instance, probe: bool = True) -> dict:
         "fence": {"path": str(instance.fence_file), "present": fence.fence_present(instance)},
         "sessions": len(fence.sessions(instance)) if pid is not None else 0,
         "unclean_stop": state.unclean_stop(instance),
+        "sync_log_failure": state.sync_log_failure(instance),
+        "last_reconcile": state.last_reconcile(instance),
         "last_stop": state.last_stop(instance),
         "last_drain": state.last_drain(instance),
         "state_dir": str(state.state_dir(instance)),
@@ -67,6 +99,7 @@ def collect(instance: Instance, probe: bool = True) -> dict:
             "log": b.log, "log_run": b.log_run, "legacy": b.legacy, "files": list(b.files),
             "rolling_sync_client": b.channel in rolling,
         })
+    report["problems"] = problems(instance)
     report["exit_code"] = health(report)
     report["state"] = {RUNNING: "running", DEGRADED: "degraded", NOT_RUNNING: "not running"}[report["exit_code"]]
     return report
@@ -75,7 +108,7 @@ def collect(instance: Instance, probe: bool = True) -> dict:
 def health(report: dict) -> int:
     if not report["master"]["running"]:
         return NOT_RUNNING
-    if report["unclean_stop"] is not None or any(v != "ok" for v in report["listeners"].values()):
+    if report["problems"] or any(v != "ok" for v in report["listeners"].values()):
         return DEGRADED
     return RUNNING
 
@@ -104,6 +137,8 @@ def format_text(report: dict) -> str:
         lines.append(f"  UNCLEAN STOP {u.get('time', '?')}: {u.get('reason', u.get('error', '?'))}")
         lines.append("    replication events may be missing: run `sync_client -A` per channel, "
                      "then `cyrushelper status --ack-unclean`")
+    for problem in report["problems"]:
+        lines.append(f"  PROBLEM: {problem}")
     s = report["last_stop"]
     if s is not None:
         lines.append(f"  last stop {s.get('time', '?')}: {s.get('result', s.get('error', '?'))}"
@@ -196,7 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--no-probe", action="store_true",
                             help="do not connect to the listeners (a probe starts a Cyrus process each)")
         parser.add_argument("--ack-unclean", action="store_true",
-                            help="remove the unclean-stop marker after you reconciled by hand")
+                            help="remove the reconcile markers (unclean stop, failed sync log writes) "
+                                 "after you reconciled by hand with sync_client -A")
     else:
         parser.add_argument("--interval", type=arguments.seconds, default=0.25, metavar="SECONDS",
                             help="at most one line per interval (default 0.25)")
@@ -209,10 +245,11 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "watch":
         return watch(instance, args.json, args.interval, args.duration)
     if args.ack_unclean:
-        if state.clear_unclean_stop(instance):
-            log.info("unclean-stop marker removed from %s", state.state_dir(instance))
+        cleared = state.clear_reconcile_markers(instance, by="cyrushelper status --ack-unclean")
+        if cleared:
+            log.info("reconcile markers removed from %s: %s", state.state_dir(instance), ", ".join(cleared))
         else:
-            log.info("no unclean-stop marker to remove")
+            log.info("no reconcile marker to remove")
     report = collect(instance, probe=not args.no_probe)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))

@@ -12,8 +12,24 @@ loop: when the installed master is that new (cyrus.py) we first wait for the fil
 probe the listeners.
 
 Running: STATUS= shows each channel's replication backlog, refreshed from inotify events on the
-sync directories (at most every --status-interval seconds; nothing polls). SIGHUP goes to master
-(it re-reads cyrus.conf). Master exiting on its own ends us with exit 1: the unit fails.
+sync directories (at most every --status-interval seconds). SIGHUP goes to master (it re-reads
+cyrus.conf). Master exiting on its own ends us with exit 1: the unit fails.
+
+Lost events (issue 10): Cyrus acknowledges mail whose sync log line it could not write (lmtpd
+answers 250 and only logs "write() to …/sync/log failed: No space left on device"). What `run`
+watches, and what it can and cannot see:
+- the journal of this invocation (cyruslog.Follower): every failed sync log write Cyrus reports,
+  and journald's "Suppressed N messages" for this unit (a failure may have been among them).
+  Not available outside systemd (said once at start); a journal that cannot store (its own disk
+  full) loses lines, which the next check covers.
+- statvfs of every sync file system, on each sync log change and every SPACE_CHECK_INTERVAL
+  seconds: below --space-warn percent free, STATUS warns; full (no block or inode left for the
+  cyrus user) or read-only while master runs counts as a failure, since Cyrus's next append fails.
+  A disk full for less than the interval between two checks is seen only through the journal.
+- the drain (ExecStopPost) finds what a failed write left in the file: a cut-off line.
+Any of these records the sync-log-failure marker (state.py): status reports it, the drain refuses a
+clean result until a reconcile (`sync_client -A`) succeeded, --reconcile=auto runs it at the next
+start. Sync log directories that sync_log_channels no longer names but hold events are reported.
 
 Stop (SIGTERM or SIGINT): STOPPING=1, then exactly one SIGTERM to master (the unit's
 KillMode=mixed keeps systemd from signalling the children too; a second SIGTERM would kill a
@@ -36,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cyrushelper import arguments, cyrus, exitcodes, fence, proc, state, synclog
+from cyrushelper import arguments, cyrus, cyruslog, exitcodes, fence, proc, state, synclog
 from cyrushelper.channels import replication_channels, rolling_channels
 from cyrushelper.config import Instance
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
@@ -46,6 +62,8 @@ from cyrushelper.syncwatch import DirWatch
 log = logging.getLogger("cyrushelper.run")
 
 RECONCILE_CHOICES = ("auto", "recommend", "off")
+SPACE_CHECK_INTERVAL = 5.0
+FAILURE_LOG_INTERVAL = 60.0    # at most one journal line per minute about continuing failures
 
 
 # --------------------------------------------------------------------------- background jobs
@@ -133,6 +151,7 @@ class Options:
     reconcile_timeout: float = 600.0
     leftover_drain: bool = True
     drain_timeout: float = 300.0
+    space_warn: float = synclog.DEFAULT_SPACE_WARN
 
 
 class Supervisor:
@@ -151,6 +170,13 @@ class Supervisor:
         self._last_status_text = None
         self._backlog_text = ""
         self.repeated_stop_signals = 0
+        self.follower: cyruslog.Follower | None = None
+        self.unit = cyruslog.own_unit()
+        self.sync_failures = 0                 # failed sync log writes seen in this run
+        self._failure_logged = 0.0
+        self._full: set[str] = set()           # sync file systems seen full (one marker per episode)
+        self._seen_cursors: set[str] = set()
+        self._space_due = self._space_checked = 0.0
 
     # -- helpers
     @property
@@ -195,11 +221,124 @@ class Supervisor:
 
     def _on_sync_change(self) -> None:
         changed = self.watch.read()
+        if changed and time.monotonic() - self._space_checked >= self.options.status_interval:
+            self.check_space()  # Cyrus is writing: look at the room left (at most every status interval)
         if changed:
             # coalesce: Cyrus appends once per message, STATUS needs no more than a few per second
             due = self._last_status + self.options.status_interval
             if self._status_due is None:
                 self._status_due = due
+
+    # -- lost events: the journal and the sync file systems
+    def _open_journal(self) -> None:
+        invocation = cyruslog.invocation_id()
+        if not cyruslog.available() or invocation is None:
+            log.warning("no journal to read (not started by systemd): failed sync log writes are "
+                        "detected only as a full or read-only sync file system, and by the drain")
+            return
+        try:
+            self.follower = cyruslog.Follower(invocation, on_restart=self._journal_restarted)
+        except OSError as e:
+            log.warning("cannot follow the journal (%s): failed sync log writes are detected only as a "
+                        "full or read-only sync file system, and by the drain", e)
+            return
+        self.loop.add_reader(self.follower, self._on_journal)
+
+    def _journal_restarted(self, old_fd: int) -> None:
+        log.warning("journalctl --follow ended; restarted after the last entry it showed")
+        try:
+            self.loop.remove_reader(old_fd)
+        except (KeyError, ValueError):
+            pass
+        self.loop.add_reader(self.follower, self._on_journal)
+
+    def _on_journal(self) -> None:
+        self._judge_entries(self.follower.read())
+
+    def _judge_entries(self, entries: list[cyruslog.Entry]) -> None:
+        fresh = [e for e in entries if not e.cursor or e.cursor not in self._seen_cursors]
+        self._seen_cursors.update(e.cursor for e in fresh if e.cursor)
+        failed = [e for e in fresh if e.sync_log_failure]
+        dropped = sum(e.suppressed(self.unit) for e in fresh) if self.unit else 0
+        if failed:
+            self._sync_log_failed(len(failed), f"Cyrus reported a failed sync log write: {failed[-1]}",
+                                  {"first": str(failed[0]), "last": str(failed[-1]), "lines": len(failed)})
+        if dropped:
+            self._sync_log_failed(0, f"journald suppressed {dropped} messages of {self.unit}: a failed sync "
+                                     "log write may have been among them", {"suppressed": dropped})
+
+    def _sync_log_failed(self, lines: int, reason: str, evidence: dict) -> None:
+        first = self.sync_failures == 0 and "synclog" not in self.notes
+        self.sync_failures += lines
+        try:
+            marker = state.record_sync_log_failure(self.instance, reason, evidence)
+        except OSError as e:  # the state directory may sit on the full file system itself
+            marker = None
+            log.error("could not record the sync-log-failure marker (%s): reconcile with sync_client -A", e)
+        self.notes["synclog"] = (f"SYNC LOG WRITE FAILED ({self.sync_failures} lines since "
+                                 f"{time.strftime('%H:%M:%S')}): events missing, reconcile needed")
+        now = time.monotonic()
+        if first or now - self._failure_logged >= FAILURE_LOG_INTERVAL:
+            self._failure_logged = now
+            log.error("%s; mail was acknowledged without a replication event: %d failed writes so far, "
+                      "marked for a reconcile in %s (sync_client -A; the drain refuses a clean result "
+                      "until then)", reason, self.sync_failures, marker)
+        self._status_due = time.monotonic()
+
+    def check_space(self) -> None:
+        """statvfs of each sync file system: a STATUS warning below --space-warn percent free, and a
+        failure while master runs once nothing is left (Cyrus's next append fails)."""
+        self._space_checked = time.monotonic()
+        self._space_due = self._space_checked + SPACE_CHECK_INTERVAL
+        low, seen = [], set()
+        for channel in self.instance.channels:
+            room = synclog.room(channel.sync_dir)
+            if room is None or channel.sync_dir in seen:
+                continue
+            seen.add(channel.sync_dir)
+            key = str(channel.label)
+            if room.full:
+                if key not in self._full and self.master is not None and self.master_exit() is None:
+                    self._full.add(key)
+                    self._sync_log_failed(0, f"sync file system full while Cyrus runs ({room.describe()}): "
+                                             "its next sync log append fails", {"room": room.describe()})
+                low.append(f"{channel.label} FULL")
+            else:
+                self._full.discard(key)
+                if room.percent_free < self.options.space_warn:
+                    low.append(f"{channel.label} {room.percent_free:.0f}% free")
+        text = ("sync file system low: " + ", ".join(low)) if low else None
+        if text != self.notes.get("space"):
+            if text:
+                self.notes["space"] = text
+                log.warning("%s (warning below %g%%)", text, self.options.space_warn)
+            else:
+                self.notes.pop("space", None)
+            self._status_due = time.monotonic()
+
+    def final_journal_check(self, since: float) -> None:
+        """After master is gone: what it logged during the stop may not have reached the follower."""
+        if self.follower is None:
+            return
+        self._judge_entries(self.follower.read())
+        entries = cyruslog.query(f"--grep={cyruslog.GREP}", f"--since=@{since - 60:.0f}",
+                                 *cyruslog.invocation_matches(self.follower.invocation))
+        if entries is None:
+            log.warning("could not read the journal after the stop: a failed sync log write of the last "
+                        "moments would only be seen by the drain")
+            return
+        self._judge_entries(entries)
+
+    def report_orphans(self) -> None:
+        orphans = synclog.orphaned_channels(self.instance)
+        if not orphans:
+            self.notes.pop("orphans", None)
+            return
+        what = " ".join(f"{o.label}={o.lines}" for o in orphans)
+        self.notes["orphans"] = f"orphaned sync log channels (not in sync_log_channels): {what}"
+        log.error("sync log events of channels that sync_log_channels no longer names, nothing replays "
+                  "them: %s (%s); add the channel back and drain, or remove the directory if that "
+                  "replica is gone", what, ", ".join(str(o.sync_dir) for o in orphans))
 
     # -- start
     def preflight(self) -> Path:
@@ -246,17 +385,18 @@ class Supervisor:
 
     # -- after READY
     def start_background_work(self) -> None:
-        marker = state.unclean_stop(self.instance)
-        if marker is not None:
-            when = marker.get("time", "?")
+        markers = state.reconcile_markers(self.instance)
+        if markers:
+            described = "; ".join(state.describe_marker(n, m) for n, m in sorted(markers.items()))
             if self.options.reconcile == "auto":
                 self.start_reconcile()
             elif self.options.reconcile == "recommend":
-                self.notes["unclean"] = (f"unclean stop {when}: reconcile with sync_client -A "
-                                         "(or run with --reconcile=auto)")
-                log.warning("the last stop (%s) was unclean (%s): replication events may be missing; "
-                            "run `sync_client -C %s -A` per channel, then `cyrushelper status --ack-unclean`",
-                            when, marker.get("reason", "?"), self.instance.imapd.path)
+                what = ", ".join(f"{'unclean stop' if n == state.UNCLEAN_STOP else 'sync log write failed'} "
+                                 f"{m.get('time', '?')}" for n, m in sorted(markers.items()))
+                self.notes["unclean"] = f"{what}: reconcile with sync_client -A (or run with --reconcile=auto)"
+                log.warning("%s: replication events may be missing; run `sync_client -C %s -A` per channel, "
+                            "then `cyrushelper status --ack-unclean`", described, self.instance.imapd.path)
+        self.report_orphans()
         self.check_leftovers()
 
     def start_reconcile(self) -> None:
@@ -268,11 +408,11 @@ class Supervisor:
                 cmd += ["-n", ch.name]
             commands.append(cmd + ["-A"])
         if not commands:
-            self.notes["unclean"] = "unclean stop recorded; no channel with sync_host to reconcile"
+            self.notes["unclean"] = "reconcile needed; no channel with sync_host to reconcile"
             return
         job = Job("reconcile", commands, self.options.reconcile_timeout, self.loop)
         self.jobs["reconcile"] = job
-        self.notes["unclean"] = "reconcile (sync_client -A) running after an unclean stop"
+        self.notes["unclean"] = "reconcile (sync_client -A) running: events may be missing"
         job.start()
 
     def snapshot_leftovers(self) -> None:
@@ -308,13 +448,19 @@ class Supervisor:
     def _job_finished(self, name: str, job: Job) -> None:
         codes = [code for _, code in job.results]
         if name == "reconcile":
-            if job.succeeded:
-                state.clear_unclean_stop(self.instance)
+            if job.succeeded and self.sync_failures == 0:
+                cleared = state.clear_reconcile_markers(self.instance, by="run --reconcile=auto: sync_client "
+                                                        f"-A succeeded on every channel ({len(job.commands)})")
                 self.notes.pop("unclean", None)
-                log.info("reconcile finished: every channel re-synced, unclean-stop marker cleared")
+                log.info("reconcile finished: every channel re-synced, markers cleared (%s)",
+                         ", ".join(cleared) or "none left")
+            elif job.succeeded:
+                self.notes["unclean"] = "reconcile done, but sync log writes failed meanwhile: marker kept"
+                log.error("reconcile finished, but Cyrus failed to write sync log lines meanwhile: the "
+                          "marker stays")
             else:
-                self.notes["unclean"] = f"reconcile after unclean stop FAILED (exit {codes}): marker kept"
-                log.error("reconcile failed (exit codes %s); the unclean-stop marker stays", codes)
+                self.notes["unclean"] = f"reconcile FAILED (exit {codes}): marker kept"
+                log.error("reconcile failed (exit codes %s); the reconcile marker stays", codes)
         elif name == "drain":
             if job.succeeded:
                 self.notes.pop("leftover", None)
@@ -335,12 +481,15 @@ class Supervisor:
                     self._job_finished(name, job)
                     self._status_due = time.monotonic()
             now = time.monotonic()
+            if now >= self._space_due:
+                self.check_space()
             if self._status_due is not None and now >= self._status_due:
                 self._refresh_backlog()
                 self.send_status()
-            timeout = None if self._status_due is None else self._status_due - now
-            # An hourly look at master covers a lost SIGCHLD; nothing else wakes us without cause.
-            signums = self.loop.poll(3600.0 if timeout is None else timeout)
+            # The space check is the one timer: a disk filled by someone else shows no sync log
+            # event. A lost SIGCHLD is covered by the same wake-ups.
+            due = self._space_due if self._status_due is None else min(self._space_due, self._status_due)
+            signums = self.loop.poll(max(0.0, due - time.monotonic()))
             for signum in signums:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     return "stop", signum
@@ -478,12 +627,14 @@ class Supervisor:
         self.loop.handle_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         try:
             self._open_watch(use_ready_file)
+            self._open_journal()
             self.start_master(master)
             outcome = self.wait_ready(use_ready_file)
             if outcome == "ready":
                 self.notes.pop("start", None)
                 self._refresh_backlog()
                 log.info("Cyrus serves (master %d): %s", self.master_pid, self._backlog_text)
+                self.check_space()
                 self.notifier.ready(self.status_text())
                 self._last_status_text = self.status_text()
                 self.start_background_work()
@@ -498,6 +649,7 @@ class Supervisor:
                 reason = "start timeout"
             else:
                 reason = ""
+            stop_began = time.time()
             if outcome == "died":
                 result = self.after_master_died()
                 code = exitcodes.FAILURE
@@ -507,6 +659,9 @@ class Supervisor:
                 if outcome == "timeout" and code == exitcodes.OK:
                     code = exitcodes.FAILURE
             self.master.wait()
+            self.final_journal_check(stop_began)
+            if self.sync_failures:
+                result["sync_log_failures"] = self.sync_failures
             if fence.remove_fence(self.instance):
                 log.info("fence removed: nothing of this instance runs any more")
             state.record_last_stop(self.instance, {"instance": self.instance.name, **result})
@@ -520,6 +675,8 @@ class Supervisor:
                 self.master.wait()
             if self.watch is not None:
                 self.watch.close()
+            if self.follower is not None:
+                self.follower.close()
             # keep ignoring a late SIGTERM (a repeated stop) until the process has exited
             self.loop.close(restore_handlers=False)
 
@@ -561,6 +718,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "report them in STATUS (default auto)")
     parser.add_argument("--drain-timeout", type=arguments.seconds, default=d.drain_timeout, metavar="SECONDS",
                         help=f"deadline for that background drain (default {d.drain_timeout:g})")
+    parser.add_argument("--space-warn", type=arguments.percent, default=d.space_warn, metavar="PERCENT",
+                        help="warn in STATUS and the journal when a sync file system has less than this "
+                             "much space (or inodes) left for the cyrus user; when nothing is left while "
+                             "Cyrus runs, the instance is marked for a reconcile "
+                             f"(default {d.space_warn:g})")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -569,7 +731,8 @@ def main(args: argparse.Namespace) -> int:
                       master_alone_grace=args.master_alone_grace,
                       status_interval=args.status_interval, reconcile=args.reconcile,
                       reconcile_timeout=args.reconcile_timeout,
-                      leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout)
+                      leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout,
+                      space_warn=args.space_warn)
     try:
         return Supervisor(instance, options).run()
     except StartRefused as e:

@@ -251,6 +251,13 @@ def orphaned_channels(instance: Instance) -> list[Orphan]:
 
 # --------------------------------------------------------------------------- room on the file system
 
+# Warn below this much free space (or inodes) on a sync file system, in percent. Cyrus appends a
+# sync log line per change, and mail, indexes and the log usually share that file system: 10% is
+# where common disk monitoring warns too, early enough to act at any realistic size (the issue's
+# 16 KiB tmpfs filled after 600 deliveries; on a real spool, hours of mail). `run --space-warn`.
+DEFAULT_SPACE_WARN = 10.0
+
+
 @dataclass(frozen=True)
 class Room:
     """What statvfs says about a sync directory's file system, as the cyrus user sees it (f_bavail,
