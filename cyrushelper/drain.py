@@ -502,8 +502,9 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
     _mark_damage(instance, final)
     report = DrainReport(instance.name, started, round(time.monotonic() - t0, 3), exitcodes.OK, final,
                          service=service, master_pid=mpid)
-    if report.result == "drained":
-        report.reconcile = _reconcile_markers(instance, sync_client, reconcile, end, stop, loop, progress)
+    # a reconcile runs only after a complete drain; otherwise the markers are reported as they are
+    report.reconcile = _reconcile_markers(instance, sync_client, reconcile if report.result == "drained" else "off",
+                                          end, stop, loop, progress)
     if own_loop:
         loop.close()
     report.exit_code = RESULT_CODES[report.result]
@@ -625,6 +626,9 @@ def _log_results(report: DrainReport) -> None:
         elif r.result == "skipped":
             log.warning("channel %s: %d lines left in %s, not drained: %s", r.channel, r.lines_after,
                         r.sync_dir, r.message, extra=tag)
+        elif r.result == "damaged" and not r.files_after:
+            log.error("channel %s: replayed %d lines to %s, but events may be lost: %s", r.channel,
+                      r.lines_before, r.replica, r.message, extra=tag)
         elif r.result == "orphaned":
             log.error("channel %s: %d lines in %s (%s) and nothing replays them: %s", r.channel, r.lines_after,
                       r.sync_dir, " ".join(r.files_after), r.message, extra=tag)

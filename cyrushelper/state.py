@@ -176,7 +176,9 @@ def describe_marker(name: str, marker: dict) -> str:
     text = f"{what} at {marker.get('time', '?')}: {marker.get('reason', '?')}"
     events = int(marker.get("events", 1))
     if events > 1:
-        text += f" (the latest of {events} since {marker.get('first_time', '?')})"
+        first = marker.get("first_reason")
+        text += f" (the latest of {events} since {marker.get('first_time', '?')}" + \
+            (f"; the first: {first})" if first and first != marker.get("reason") else ")")
     return text
 
 

@@ -158,6 +158,7 @@ def cyrus_pair(cyrus_pair_factory) -> CyrusPair:
 # ---- throwaway systemd container (helper B) ----
 
 from testbed.container import SystemdContainer, unavailable_reason  # noqa: E402
+from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 
 def require_container_host() -> None:
@@ -191,3 +192,28 @@ def systemd_container(tmp_path):
         except Exception as e:  # the container may be what the test broke
             journal = f"(no journal: {e})"
         print(f"--- container journal (boot {box.boot_seconds:.2f}s) ---\n{journal}")
+
+
+@pytest.fixture
+def lab_factory(request):
+    """make(rolling=True, ...) -> a LabSystem (pair created) in a freshly booted container
+    (testbed.scenario: the pair run by systemd units, the end-to-end tests' test bed)."""
+    require_root_and_cyrus()
+    require_container_host()
+    made = []
+
+    def make(rolling: bool = True, **kwargs) -> LabSystem:
+        workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
+        container = SystemdContainer(workdir).__enter__()
+        made.append((workdir, container))
+        return LabSystem(container, workdir, rolling=rolling, **kwargs).create()
+
+    yield make
+    for workdir, container in made:
+        try:
+            print(f"--- journal of {workdir} ---\n{container.journal()[-15000:]}")
+        except Exception as e:  # the container may be what broke
+            print(f"(no journal: {e})")
+        container.__exit__(None, None, None)
+        if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
+            shutil.rmtree(workdir, ignore_errors=True)
