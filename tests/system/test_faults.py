@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import exitcodes, proc
-from testbed.mail import deliver_lmtp, verify_on_replica
 from testbed.scenario import LabSystem
+from tests.system.test_drain import assert_all_on_replica, backlog_with_primary_stopped, pending
+from tests.system.test_drain import sync_files as all_sync_files
 
 pytestmark = pytest.mark.system
 
@@ -50,9 +51,8 @@ def drain_cli(pair, *args, timeout=120):
 
 
 def sync_files(pair) -> dict[str, bytes]:
-    base = pair.config_dir("primary") / "sync"
-    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*"))
-            if p.is_file() and p.name.startswith("log")}
+    """The pending sync log files of every primary channel, by path below sync/."""
+    return pending(all_sync_files(pair))
 
 
 def one_clear_line(stderr: str, *needles: str) -> str:
@@ -63,30 +63,13 @@ def one_clear_line(stderr: str, *needles: str) -> str:
     return found[0]
 
 
-def with_backlog(pair, tmp_path, n=60, users=("alice", "bob"), tag="m") -> Path:
-    record = tmp_path / f"record-{tag}.txt"
-    if not pair.running("replica"):
-        pair.start("replica")
-    pair.start("primary")
-    for user in users:
-        assert deliver_lmtp(pair.ports.primary_lmtp, user, n, f"{tag}-{user}", record) == n
-    assert pair.stop("primary").clean
-    return record
-
-
-def assert_none_missing(pair, *records):
-    report = verify_on_replica(pair.ports.replica_imap, list(records))
-    assert report.ok, report.summary()
-    return report
-
-
 # --------------------------------------------------------------------------- host pair
 
 def test_unreadable_log_then_cut_off_line(cyrus_pair, tmp_path):
     """`log` a directory (was a traceback), a FIFO (hung past --deadline), then a cut-off last line
     (was dropped and counted as drained): each exit 65 with one line, every event kept or replayed."""
     pair = cyrus_pair
-    record = with_backlog(pair, tmp_path, n=40)
+    record = backlog_with_primary_stopped(pair, tmp_path, n=40)
     sync = pair.config_dir("primary") / "sync"
     os.rename(sync / "log", sync / "log-run")
     kept = sync_files(pair)
@@ -110,10 +93,10 @@ def test_unreadable_log_then_cut_off_line(cyrus_pair, tmp_path):
     p, data, _ = drain_cli(pair, "--reconcile", "auto")
     assert p.returncode == exitcodes.OK, p.stderr
     assert data["reconcile"]["ran"] and sync_files(pair) == {}
-    assert_none_missing(pair, record)
+    assert_all_on_replica(pair, record)
 
     # a write cut short by a full disk: the last line has no newline
-    record2 = with_backlog(pair, tmp_path, n=5, users=("alice",), tag="cut")
+    record2 = backlog_with_primary_stopped(pair, tmp_path, n=5, users=("alice",), tag="cut")
     with open(sync / "log", "ab") as f:
         f.write(b"MAILBOX user")
     whole = (sync / "log").read_bytes()
@@ -129,14 +112,14 @@ def test_unreadable_log_then_cut_off_line(cyrus_pair, tmp_path):
     one_clear_line(p.stderr, "events may be missing that no log replay recovers")
     p, _, _ = drain_cli(pair, "--reconcile", "auto")
     assert p.returncode == exitcodes.OK, p.stderr
-    assert_none_missing(pair, record, record2)
+    assert_all_on_replica(pair, record, record2)
 
 
 def test_orphaned_channel_and_double_counting(cyrus_pair_factory, tmp_path):
     """A channel removed from sync_log_channels with events pending (was exit 0, silent), and a
     drain that waited for another one (reported the other's lines as its own)."""
     pair = cyrus_pair_factory(channels=["", "repl2"])
-    record = with_backlog(pair, tmp_path, n=64)
+    record = backlog_with_primary_stopped(pair, tmp_path, n=64)
     conf = pair.primary_imapd_conf
     original = conf.read_text()
     conf.write_text(original.replace('sync_log_channels: "" repl2', 'sync_log_channels: ""'))
@@ -155,10 +138,10 @@ def test_orphaned_channel_and_double_counting(cyrus_pair_factory, tmp_path):
     p, _, _ = drain_cli(pair)
     assert p.returncode == exitcodes.OK, p.stderr
     assert sync_files(pair) == {}
-    assert_none_missing(pair, record)
+    assert_all_on_replica(pair, record)
 
     # two drains at once on a real backlog: each counts only the lines it replayed itself
-    record2 = with_backlog(pair, tmp_path, n=400, users=("alice",), tag="two")
+    record2 = backlog_with_primary_stopped(pair, tmp_path, n=400, users=("alice",), tag="two")
     total = sum(v.count(b"\n") for v in sync_files(pair).values())
     outcomes = {}
 
@@ -177,13 +160,13 @@ def test_orphaned_channel_and_double_counting(cyrus_pair_factory, tmp_path):
     for p, _, _ in outcomes.values():
         assert p.returncode == exitcodes.OK, p.stderr
         assert "drained 0 lines" not in p.stderr
-    assert_none_missing(pair, record, record2)
+    assert_all_on_replica(pair, record, record2)
 
 
 def test_replica_killed_mid_drain_and_drain_killed_mid_run(cyrus_pair, tmp_path):
     """Both held before issue 10; the suite keeps them held: events kept, the rerun replays them."""
     pair = cyrus_pair
-    record = with_backlog(pair, tmp_path, n=1500, users=("alice",), tag="big")
+    record = backlog_with_primary_stopped(pair, tmp_path, n=1500, users=("alice",), tag="big")
     sync = pair.config_dir("primary") / "sync"
     drainer = subprocess.Popen([sys.executable, "-m", "cyrushelper", "drain", "-C", str(pair.primary_imapd_conf),
                                 "-M", str(pair.primary_cyrus_conf), "--deadline", "20"],
@@ -199,7 +182,7 @@ def test_replica_killed_mid_drain_and_drain_killed_mid_run(cyrus_pair, tmp_path)
 
     # a drain SIGKILLed while its sync_client works: the lock (held by the child) keeps the rerun
     # from replaying beside it; the rerun then finishes the work
-    record2 = with_backlog(pair, tmp_path, n=1500, users=("bob",), tag="big2")
+    record2 = backlog_with_primary_stopped(pair, tmp_path, n=1500, users=("bob",), tag="big2")
     drainer = subprocess.Popen([sys.executable, "-m", "cyrushelper", "drain", "-C", str(pair.primary_imapd_conf),
                                 "-M", str(pair.primary_cyrus_conf)], stderr=subprocess.DEVNULL)
     while not (sync / "log-run").exists() and drainer.poll() is None:
@@ -211,7 +194,7 @@ def test_replica_killed_mid_drain_and_drain_killed_mid_run(cyrus_pair, tmp_path)
     assert sync_files(pair) == {}
     assert [pid for pid in proc.pids() if "sync_client" in " ".join(proc.cmdline(pid))
             and str(pair.primary_imapd_conf) in proc.cmdline(pid)] == []
-    assert_none_missing(pair, record, record2)
+    assert_all_on_replica(pair, record, record2)
 
 
 # --------------------------------------------------------------------------- under systemd
