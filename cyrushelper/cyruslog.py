@@ -5,11 +5,11 @@ place where it says that it could not do something. Two uses:
 
 - A sync log write that failed. lmtpd and imapd acknowledge the change anyway (LMTP 250) and only
   log it (imap/sync_log.c sync_log_base): "write() to F failed: E", "sync_log(): Unable to write
-  to log file F: E", "sync_log(): Failed to lock F for …". `Follower` runs `journalctl --follow`
-  on the running unit's invocation (journald tags every line of the unit's processes with its
-  _SYSTEMD_INVOCATION_ID) and picks those lines out; `failures()` asks the same question for a
-  finished stretch of the journal. journald's own "Suppressed N messages from …/cyrus@NAME.service"
-  (rate limiting) counts too: a failure may have been among the dropped lines.
+  to log file F: E", "sync_log(): Failed to lock F for …". `Watcher` asks the journal for them,
+  restricted to the running unit's invocation (journald tags every line of the unit's processes
+  with its _SYSTEMD_INVOCATION_ID); `failures()` asks the same for a whole invocation. journald's
+  own "Suppressed N messages from …/cyrus@NAME.service" (rate limiting) counts too: a failure may
+  have been among the dropped lines.
 - Why a sync_client run failed: `said_by(pid)` quotes what that one process logged.
 
 journalctl is used as a program (no library): it is where systemd is, and outside systemd there is
@@ -36,7 +36,7 @@ SYNC_LOG_FAILURE_RE = re.compile(r"write\(\) to \S*/sync/(?:[^/\s]+/)?log failed
                                  r"write to log file|Failed to lock) \S*/sync/")
 # journalctl --grep (PCRE2) keeps the rest of Cyrus's chatter (every login) out of our pipe
 GREP = r"write\(\) to \S+ failed|sync_log\(\): |Suppressed \d+ messages"
-QUERY_TIMEOUT = 30.0
+QUERY_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,8 @@ def query(*args: str) -> list[Entry] | None:
                              capture_output=True, timeout=QUERY_TIMEOUT, env=strip_notify_env(dict(os.environ)))
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0 and not out.stdout:
-        return None
+    if out.returncode != 0 and not out.stdout and out.stderr.strip():
+        return None  # (with --grep, no match at all is exit 1 with nothing said: an empty answer)
     return [e for e in map(parse, out.stdout.splitlines()) if e is not None]
 
 
@@ -154,65 +154,36 @@ def failures(invocation: str, unit: str | None, after_cursor: str | None = None)
     return [e for e in entries if e.sync_log_failure or (unit and e.suppressed(unit))]
 
 
-class Follower:
-    """`journalctl --follow` of this invocation in the background, read through a pipe.
+class Watcher:
+    """New sync log failures of one invocation, asked for every few seconds (`poll()`).
 
-    Register `fileno()` with a selector and call `read()` when it is readable: the new entries.
-    If journalctl ends (it should not), `read()` restarts it after the last cursor seen and
-    `on_restart(old_fd)` lets the caller register the new descriptor."""
+    Not `journalctl --follow`: measured under systemd 252 in a container, a follower saw 3 of 5
+    fresh entries within 5 s and the rest only later, while a query saw all of them at once. Each
+    poll asks for the entries since the previous poll began (minus an overlap, journald stamps an
+    entry when it receives it) through the realtime index, so it reads only the new stretch of the
+    journal; entries seen twice are recognised by their cursor."""
 
-    def __init__(self, invocation: str, on_restart=None):
-        self.invocation = invocation
-        self.on_restart = on_restart
-        self.cursor: str | None = None
-        self.restarts = 0
-        self._buffer = b""
-        self._start()
+    OVERLAP = 5.0
+    SEEN_KEPT = 10000
 
-    def _start(self) -> None:
-        args = [JOURNALCTL, "--no-pager", "-q", "-o", "json", "--follow", f"--grep={GREP}"]
-        args += [f"--after-cursor={self.cursor}"] if self.cursor else ["--lines=0"]
-        self.proc = subprocess.Popen(args + invocation_matches(self.invocation), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=strip_notify_env(dict(os.environ)), start_new_session=True)
-        os.set_blocking(self.proc.stdout.fileno(), False)
+    def __init__(self, invocation: str, unit: str | None, since: float | None = None):
+        self.invocation, self.unit = invocation, unit
+        self.since = time.time() if since is None else since
+        self._seen: dict[str, None] = {}   # cursors, oldest first
 
-    def fileno(self) -> int:
-        return self.proc.stdout.fileno()
-
-    def read(self) -> list[Entry]:
-        entries = []
-        while True:
-            try:
-                chunk = os.read(self.fileno(), 1 << 16)
-            except BlockingIOError:
-                break
-            if not chunk:  # journalctl ended: start it again where it left off
-                old = self.fileno()
-                self._reap()
-                self.restarts += 1
-                time.sleep(min(1.0, 0.1 * self.restarts))
-                self._start()
-                if self.on_restart is not None:
-                    self.on_restart(old)
-                break
-            self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            entry = parse(line)
-            if entry is not None:
-                entries.append(entry)
-                self.cursor = entry.cursor or self.cursor
-        return entries
-
-    def _reap(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        try:
-            self.proc.stdout.close()
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._reap()
+    def poll(self, sync: bool = False) -> list[Entry] | None:
+        """Failures not seen before; None when the journal could not be read."""
+        started = time.time()
+        if sync:
+            sync_journal()
+        entries = query(f"--grep={GREP}", f"--since=@{self.since - self.OVERLAP:.0f}",
+                        *invocation_matches(self.invocation))
+        if entries is None:
+            return None
+        self.since = started
+        fresh = [e for e in entries if e.cursor not in self._seen]
+        for e in fresh:
+            self._seen[e.cursor] = None
+        while len(self._seen) > self.SEEN_KEPT:
+            del self._seen[next(iter(self._seen))]
+        return [e for e in fresh if e.sync_log_failure or (self.unit and e.suppressed(self.unit))]

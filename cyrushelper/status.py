@@ -44,9 +44,8 @@ STATUS_EPILOG = """status exit codes:
 
 def problems(instance: Instance, space_warn: float = synclog.DEFAULT_SPACE_WARN) -> list[str]:
     """Every real problem of the instance's replication, one line each (see the module doc)."""
-    found = [f"{state.describe_marker(name, m)}: events may be missing that no log replay recovers; "
-             f"cleared by {state.RECONCILE_CLEARED_BY}"
-             for name, m in sorted(state.reconcile_markers(instance).items())]
+    found = [f"{state.describe_marker(name, m)}: reconcile needed (sync_client -A, or `cyrushelper drain "
+             "--reconcile auto`)" for name, m in sorted(state.reconcile_markers(instance).items())]
     for channel in instance.channels:
         found += [f"channel {channel.label}: {path} is {kind}, not a regular file (Cyrus cannot append to it)"
                   for path, kind in synclog.irregular_files(channel)]

@@ -18,10 +18,11 @@ cyrus.conf). Master exiting on its own ends us with exit 1: the unit fails.
 Lost events (issue 10): Cyrus acknowledges mail whose sync log line it could not write (lmtpd
 answers 250 and only logs "write() to …/sync/log failed: No space left on device"). What `run`
 watches, and what it can and cannot see:
-- the journal of this invocation (cyruslog.Follower): every failed sync log write Cyrus reports,
-  and journald's "Suppressed N messages" for this unit (a failure may have been among them).
-  Not available outside systemd (said once at start); a journal that cannot store (its own disk
-  full) loses lines, which the next check covers.
+- the journal of this invocation (cyruslog.Watcher, asked every SPACE_CHECK_INTERVAL seconds and
+  once more after master is gone): every failed sync log write Cyrus reports, and journald's
+  "Suppressed N messages" for this unit (a failure may have been among them). Not available
+  outside systemd (said once at start); a journal that cannot store (its own disk full) loses
+  lines, which the next check covers.
 - statvfs of every sync file system, on each sync log change and every SPACE_CHECK_INTERVAL
   seconds: below --space-warn percent free, STATUS warns; full (no block or inode left for the
   cyrus user) or read-only while master runs counts as a failure, since Cyrus's next append fails.
@@ -170,12 +171,11 @@ class Supervisor:
         self._last_status_text = None
         self._backlog_text = ""
         self.repeated_stop_signals = 0
-        self.follower: cyruslog.Follower | None = None
+        self.journal: cyruslog.Watcher | None = None
         self.unit = cyruslog.own_unit()
         self.sync_failures = 0                 # failed sync log writes seen in this run
-        self._failure_logged = 0.0
+        self._failure_logged: dict[str, float] = {}
         self._full: set[str] = set()           # sync file systems seen full (one marker per episode)
-        self._seen_cursors: set[str] = set()
         self._space_due = self._space_checked = 0.0
 
     # -- helpers
@@ -236,53 +236,52 @@ class Supervisor:
             log.warning("no journal to read (not started by systemd): failed sync log writes are "
                         "detected only as a full or read-only sync file system, and by the drain")
             return
-        try:
-            self.follower = cyruslog.Follower(invocation, on_restart=self._journal_restarted)
-        except OSError as e:
-            log.warning("cannot follow the journal (%s): failed sync log writes are detected only as a "
-                        "full or read-only sync file system, and by the drain", e)
+        self.journal = cyruslog.Watcher(invocation, self.unit)
+
+    def check_journal(self, sync: bool = False) -> None:
+        """What Cyrus (or journald) said since the last look; `sync` first flushes journald."""
+        if self.journal is None:
             return
-        self.loop.add_reader(self.follower, self._on_journal)
-
-    def _journal_restarted(self, old_fd: int) -> None:
-        log.warning("journalctl --follow ended; restarted after the last entry it showed")
-        try:
-            self.loop.remove_reader(old_fd)
-        except (KeyError, ValueError):
-            pass
-        self.loop.add_reader(self.follower, self._on_journal)
-
-    def _on_journal(self) -> None:
-        self._judge_entries(self.follower.read())
+        entries = self.journal.poll(sync=sync)
+        if entries is None:
+            log.warning("could not read the journal: a failed sync log write would be seen only as a "
+                        "full or read-only sync file system, and by the drain")
+            return
+        self._judge_entries(entries)
 
     def _judge_entries(self, entries: list[cyruslog.Entry]) -> None:
-        fresh = [e for e in entries if not e.cursor or e.cursor not in self._seen_cursors]
-        self._seen_cursors.update(e.cursor for e in fresh if e.cursor)
-        failed = [e for e in fresh if e.sync_log_failure]
-        dropped = sum(e.suppressed(self.unit) for e in fresh) if self.unit else 0
+        failed = [e for e in entries if e.sync_log_failure]
+        dropped = sum(e.suppressed(self.unit) for e in entries) if self.unit else 0
         if failed:
             self._sync_log_failed(len(failed), f"Cyrus reported a failed sync log write: {failed[-1]}",
                                   {"first": str(failed[0]), "last": str(failed[-1]), "lines": len(failed)})
         if dropped:
             self._sync_log_failed(0, f"journald suppressed {dropped} messages of {self.unit}: a failed sync "
-                                     "log write may have been among them", {"suppressed": dropped})
+                                     "log write may have been among them", {"suppressed": dropped},
+                                  kind="dropped")
 
-    def _sync_log_failed(self, lines: int, reason: str, evidence: dict) -> None:
-        first = self.sync_failures == 0 and "synclog" not in self.notes
+    def _sync_log_failed(self, lines: int, reason: str, evidence: dict, kind: str = "journal") -> None:
+        """Record a (possible) lost replication event: marker, STATUS, and the journal -- at once for
+        the first of each kind (Cyrus's own report, a full file system, journald's drops), then at
+        most once per FAILURE_LOG_INTERVAL."""
         self.sync_failures += lines
         try:
             marker = state.record_sync_log_failure(self.instance, reason, evidence)
         except OSError as e:  # the state directory may sit on the full file system itself
             marker = None
             log.error("could not record the sync-log-failure marker (%s): reconcile with sync_client -A", e)
-        self.notes["synclog"] = (f"SYNC LOG WRITE FAILED ({self.sync_failures} lines since "
-                                 f"{time.strftime('%H:%M:%S')}): events missing, reconcile needed")
+        if "synclog" not in self.notes:
+            self._failing_since = time.strftime("%H:%M:%S")
+        seen = f"{self.sync_failures} failed writes reported by Cyrus" if self.sync_failures else reason.split(" (")[0]
+        self.notes["synclog"] = (f"SYNC LOG WRITE FAILED since {self._failing_since} ({seen}): events missing, "
+                                 "reconcile needed")
         now = time.monotonic()
-        if first or now - self._failure_logged >= FAILURE_LOG_INTERVAL:
-            self._failure_logged = now
-            log.error("%s; mail was acknowledged without a replication event: %d failed writes so far, "
-                      "marked for a reconcile in %s (sync_client -A; the drain refuses a clean result "
-                      "until then)", reason, self.sync_failures, marker)
+        if now - self._failure_logged.get(kind, -FAILURE_LOG_INTERVAL) >= FAILURE_LOG_INTERVAL:
+            self._failure_logged[kind] = now
+            consequence = (f"mail was acknowledged without a replication event ({self.sync_failures} failed "
+                           "writes so far)" if kind == "journal" else "replication events may be lost")
+            log.error("%s; %s: marked for a reconcile in %s (sync_client -A; the drain refuses a clean "
+                      "result until then)", reason, consequence, marker)
         self._status_due = time.monotonic()
 
     def check_space(self) -> None:
@@ -301,7 +300,8 @@ class Supervisor:
                 if key not in self._full and self.master is not None and self.master_exit() is None:
                     self._full.add(key)
                     self._sync_log_failed(0, f"sync file system full while Cyrus runs ({room.describe()}): "
-                                             "its next sync log append fails", {"room": room.describe()})
+                                             "its next sync log append fails", {"room": room.describe()},
+                                          kind="space")
                 low.append(f"{channel.label} FULL")
             else:
                 self._full.discard(key)
@@ -316,18 +316,9 @@ class Supervisor:
                 self.notes.pop("space", None)
             self._status_due = time.monotonic()
 
-    def final_journal_check(self, since: float) -> None:
-        """After master is gone: what it logged during the stop may not have reached the follower."""
-        if self.follower is None:
-            return
-        self._judge_entries(self.follower.read())
-        entries = cyruslog.query(f"--grep={cyruslog.GREP}", f"--since=@{since - 60:.0f}",
-                                 *cyruslog.invocation_matches(self.follower.invocation))
-        if entries is None:
-            log.warning("could not read the journal after the stop: a failed sync log write of the last "
-                        "moments would only be seen by the drain")
-            return
-        self._judge_entries(entries)
+    def final_journal_check(self) -> None:
+        """After master is gone: what its children logged during the stop."""
+        self.check_journal(sync=True)
 
     def report_orphans(self) -> None:
         orphans = synclog.orphaned_channels(self.instance)
@@ -483,11 +474,12 @@ class Supervisor:
             now = time.monotonic()
             if now >= self._space_due:
                 self.check_space()
+                self.check_journal()
             if self._status_due is not None and now >= self._status_due:
                 self._refresh_backlog()
                 self.send_status()
-            # The space check is the one timer: a disk filled by someone else shows no sync log
-            # event. A lost SIGCHLD is covered by the same wake-ups.
+            # The one timer: a disk filled by someone else shows no sync log event, and Cyrus's
+            # failed writes are only in the journal. A lost SIGCHLD is covered by the same wake-ups.
             due = self._space_due if self._status_due is None else min(self._space_due, self._status_due)
             signums = self.loop.poll(max(0.0, due - time.monotonic()))
             for signum in signums:
@@ -649,7 +641,6 @@ class Supervisor:
                 reason = "start timeout"
             else:
                 reason = ""
-            stop_began = time.time()
             if outcome == "died":
                 result = self.after_master_died()
                 code = exitcodes.FAILURE
@@ -659,7 +650,7 @@ class Supervisor:
                 if outcome == "timeout" and code == exitcodes.OK:
                     code = exitcodes.FAILURE
             self.master.wait()
-            self.final_journal_check(stop_began)
+            self.final_journal_check()
             if self.sync_failures:
                 result["sync_log_failures"] = self.sync_failures
             if fence.remove_fence(self.instance):
@@ -675,8 +666,6 @@ class Supervisor:
                 self.master.wait()
             if self.watch is not None:
                 self.watch.close()
-            if self.follower is not None:
-                self.follower.close()
             # keep ignoring a late SIGTERM (a repeated stop) until the process has exited
             self.loop.close(restore_handlers=False)
 

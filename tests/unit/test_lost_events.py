@@ -86,6 +86,20 @@ if "--follow" in sys.argv:
     return bindir
 
 
+def test_the_watcher_reports_each_failure_once(tmp_path, monkeypatch):
+    lines = [journal_line("write() to /srv/c/sync/log failed: No space left on device", cursor="a"),
+             journal_line("Delivered: <m1@x>", cursor="b")]
+    bindir = fake_journalctl(tmp_path, lines)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    watcher = cyruslog.Watcher("inv1", UNIT, since=1796140000.0)
+    [failure] = watcher.poll()
+    assert failure.cursor == "a"
+    assert watcher.poll(sync=True) == []  # the overlap shows it again: not reported twice
+    calls = (bindir / "calls").read_text().splitlines()
+    assert "--since=@1796139995" in calls[0] and "_SYSTEMD_INVOCATION_ID=inv1 + MESSAGE_ID=" in calls[0]
+    assert calls[1] == "--sync" and f"--since=@{watcher.since - 5:.0f}"[:12] in calls[2]
+
+
 def test_said_by_quotes_the_process_by_pid(tmp_path, monkeypatch):
     bindir = fake_journalctl(tmp_path, [journal_line("Failed to stat /srv/c/sync/log: Permission denied",
                                                      pid=777)])
@@ -108,11 +122,11 @@ def test_failed_writes_in_the_journal_mark_the_instance_and_show_in_status(insta
     entries = [cyruslog.parse(journal_line(f"write() to {instance.imapd.sync_dir}/log failed: No space left "
                                            f"on device", cursor=f"c{i}")) for i in range(3)]
     sup._judge_entries(entries)
-    sup._judge_entries(entries)  # the same lines again (the final check re-reads): counted once
     marker = state.sync_log_failure(instance)
     assert marker["evidence"]["lines"] == 3 and "No space left on device" in marker["reason"]
     assert sup.sync_failures == 3
-    assert "SYNC LOG WRITE FAILED (3 lines" in sup.status_text()
+    assert "SYNC LOG WRITE FAILED since " in sup.status_text()
+    assert "(3 failed writes reported by Cyrus)" in sup.status_text()
 
 
 def test_journald_drops_of_our_unit_also_mark(instance):
@@ -151,7 +165,7 @@ def test_no_journal_is_said_once(instance, monkeypatch, caplog):
     monkeypatch.delenv("INVOCATION_ID", raising=False)
     sup = supervisor(instance)
     sup._open_journal()
-    assert sup.follower is None
+    assert sup.journal is None
     assert "no journal to read" in caplog.text
 
 
