@@ -63,6 +63,76 @@ def one_clear_line(stderr: str, *needles: str) -> str:
     return found[0]
 
 
+# --------------------------------------------------------------------------- generate on real file systems
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size, options=()) -> a fresh tmpfs under tmp_path, unmounted at the end."""
+    mounted = []
+
+    def mount(size: str, *options: str) -> Path:
+        target = tmp_path / f"fs{len(mounted)}"
+        target.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs",
+                        str(target)], check=True)
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def generate_cli(*args: str):
+    return subprocess.run([sys.executable, "-m", "cyrushelper", "generate", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes | str]:
+    return {str(p.relative_to(directory)): (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file()
+                                            else "dir") for p in sorted(directory.rglob("*"))}
+
+
+def test_generate_on_a_full_or_read_only_file_system_leaves_the_previous_output(small_fs, tmp_path):
+    """Before: into a 12 KiB file system two unit files were written, the drop-in directory left
+    empty, no wants link, and a traceback. Now nothing changes and one line says why."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    imapd, cyrus = conf / "imapd.conf", conf / "cyrus.conf"
+    imapd.write_text(f"configdirectory: {tmp_path}/cfg\npartition-default: {tmp_path}/spool\n")
+    cyrus.write_text(f'SERVICES {{\n  imap cmd="imapd -C {imapd}" listen="11143"\n}}\n')
+    args = ["--imapd-conf", str(imapd), "--cyrus-conf", str(cyrus), "--instance", "x", "--helper", "/usr/bin/ch"]
+
+    tiny = small_fs("12k")
+    r = generate_cli(*args, "--output", str(tiny))
+    assert r.returncode == exitcodes.IO_ERROR, r.stderr
+    assert r.stderr.count("\n") == 1 and "No space left on device; nothing written" in r.stderr, r.stderr
+    assert tree_bytes(tiny) == {}
+
+    # a previous output that fills the file system: regenerating with a change keeps it as it was
+    room = small_fs("64k")
+    assert generate_cli(*args, "--output", str(room)).returncode == 0
+    filler = room / "filler"
+    with open(filler, "ab", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 1024)
+        except OSError:
+            pass
+    before = tree_bytes(room)
+    r = generate_cli(*args, "--replica-instance", "r", "--output", str(room))
+    assert r.returncode == exitcodes.IO_ERROR and "Traceback" not in r.stderr, r.stderr
+    assert tree_bytes(room) == before
+
+    read_only = small_fs("64k")
+    assert generate_cli(*args, "--output", str(read_only)).returncode == 0
+    before = tree_bytes(read_only)
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    r = generate_cli(*args, "--replica-instance", "r", "--output", str(read_only))
+    assert r.returncode == exitcodes.IO_ERROR and "Read-only file system; nothing written" in r.stderr, r.stderr
+    assert tree_bytes(read_only) == before
+
+
 # --------------------------------------------------------------------------- host pair
 
 def test_unreadable_log_then_cut_off_line(cyrus_pair, tmp_path):
