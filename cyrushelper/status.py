@@ -9,7 +9,7 @@ status exit codes (LSB-like, for scripts and monitoring):
 Problems (`problems` in --json, a PROBLEM line each in the text), whether master runs or not: a
 reconcile marker (unclean stop, failed sync log writes), a sync file system that is full, read-only
 or below --space-warn, a channel directory with events that sync_log_channels no longer names, a
-sync log that is not a regular file or has a line Cyrus's reader would drop.
+sync log that is not a regular file or ends in a cut-off line (the drain checks every line).
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def problems(instance: Instance, space_warn: float = synclog.DEFAULT_SPACE_WARN)
     for channel in instance.channels:
         found += [f"channel {channel.label}: {path} is {kind}, not a regular file (Cyrus cannot append to it)"
                   for path, kind in synclog.irregular_files(channel)]
-        for path in (channel.log_run, channel.log):
-            found += [f"channel {channel.label}: {d}" for d in synclog.scan(path, limit=3)]
+        for path in (channel.log_run, channel.log):  # the drain reads whole files; status the ends
+            cut = synclog.cut_off_end(path)
+            if cut is not None:
+                found.append(f"channel {channel.label}: {cut}")
     seen = set()
     for channel in instance.channels:
         room = synclog.room(channel.sync_dir)

@@ -181,21 +181,42 @@ def line_problem(raw: bytes) -> str | None:
     return None
 
 
-def scan(path: os.PathLike | str, limit: int = 100) -> list[Damage]:
-    """Lines of `path` that Cyrus's reader would drop: a last line without its newline (what a
-    write cut short by a full disk leaves, sync_log.c retry_write), or a malformed one. Read under
-    a shared fcntl lock, the kind Cyrus's writers take exclusively while appending, so a line
-    being written is never mistaken for a cut-off one. At most `limit` findings."""
+def _locked_read(path: os.PathLike | str, tail: int | None = None) -> bytes | None:
+    """The file's bytes (its last `tail` bytes), read under a shared fcntl lock; None if it is
+    missing or not a regular file."""
     fd = open_regular(path)
     if fd is None:
-        return []
-    found: list[Damage] = []
+        return None
     with open(fd, "rb") as f:
         try:
             fcntl.lockf(f.fileno(), fcntl.LOCK_SH)
         except OSError:
             pass  # not lockable (e.g. some network file systems): read anyway
-        data = f.read()
+        if tail is not None:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - tail))
+        return f.read()
+
+
+def cut_off_end(path: os.PathLike | str) -> Damage | None:
+    """The cut-off last line, if the file does not end with a newline: a cheap check (the last
+    4 KiB) for `status`; `scan` reads the whole file."""
+    data = _locked_read(path, tail=4096)
+    if not data or data.endswith(b"\n"):
+        return None
+    fragment = data.rsplit(b"\n", 1)[-1]
+    return Damage(str(path), count_lines(path) + 1, fragment.decode("utf-8", "backslashreplace"),
+                  "cut off (no newline at the end of the file)")
+
+
+def scan(path: os.PathLike | str, limit: int = 100) -> list[Damage]:
+    """Lines of `path` that Cyrus's reader would drop: a last line without its newline (what a
+    write cut short by a full disk leaves, sync_log.c retry_write), or a malformed one. Read under
+    a shared fcntl lock, the kind Cyrus's writers take exclusively while appending, so a line
+    being written is never mistaken for a cut-off one. At most `limit` findings."""
+    data = _locked_read(path)
+    if data is None:
+        return []
+    found: list[Damage] = []
     lines = data.split(b"\n")
     last = len(lines)
     for number, raw in enumerate(lines, 1):
