@@ -305,7 +305,8 @@ def snapshot(directory: Path) -> dict[str, str]:
     return result
 
 
-def test_output_that_can_never_work_is_refused_before_rendering(tmp_path, capsys):
+def test_output_that_can_never_work_is_refused_before_rendering(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where an empty --output used to write (and would, if this regressed)
     dangling = tmp_path / "dangling"
     os.symlink(tmp_path / "nowhere" / "deeper", dangling)
     assert generate(*_base(tmp_path, dangling)) == exitcodes.CONFIG
