@@ -645,8 +645,9 @@ def _log_results(report: DrainReport) -> None:
         tried = ("the reconcile failed: " + "; ".join(f"{k}: {v}" for k, v in report.reconcile["failed"].items())
                  if report.reconcile.get("ran") else "run `cyrushelper drain --reconcile auto`, or "
                  "sync_client -A per channel and then `cyrushelper status --ack-unclean`")
-        log.error("every sync log is replayed, but events may be missing that no log replay recovers "
-                  "(%s); not a clean drain until a reconcile succeeds: %s", "; ".join(needed), tried)
+        replayed = "every sync log is replayed, but " if report.result in ("drained", "reconcile_needed") else ""
+        log.error("%sevents may be missing that no log replay recovers (%s); not a clean drain until a "
+                  "reconcile succeeds: %s", replayed, "; ".join(needed), tried)
 
 
 # --------------------------------------------------------------------------- command line
