@@ -105,14 +105,6 @@ def unclean_stop(instance: Instance) -> dict | None:
     return read_json(state_dir(instance) / UNCLEAN_STOP)
 
 
-def clear_unclean_stop(instance: Instance) -> bool:
-    try:
-        os.unlink(state_dir(instance) / UNCLEAN_STOP)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def record_sync_log_failure(instance: Instance, reason: str, evidence: dict | None = None) -> Path:
     """Record the latest event that may have cost a sync log line; earlier ones stay counted."""
     path = ensure_state_dir(instance) / SYNC_LOG_FAILURE
