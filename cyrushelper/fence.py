@@ -10,7 +10,21 @@ per process that serves a session in `proc_path` (imap/proc.c proc_register; the
 PID and removed at session end; lmtpd does not register), so the grace ends early when no file
 names a live process. A process killed hard leaves its file behind: liveness is checked by PID.
 
+Replication is not a user session and is not waited for: a sync_server serving the primary's
+rolling sync_client registers there too (imap/sync_server.c: proc_register(config_ident, …)), and
+Cyrus ≥ 3.10 also registers the rolling sync_client itself. Neither ends because of the fence, so
+waiting for them only made every replica stop wait the whole grace (5.3 s measured under load,
+issue 13). master's SIGTERM ends them at a safe point; the primary's client reconnects later and
+replays its `log-run` from the start, so nothing is lost.
+
 Nothing here needs master: a socket-activated instance fences and waits the same way.
+
+When the unit's main process (`cyrushelper run`) was killed, systemd still runs ExecStop, and
+after it SIGKILLs whatever is left of the unit (KillMode=mixed: the SIGTERM phase has no main
+process to signal). Master and its children would then die mid-write: an unclean stop caused
+only by a dead helper. So as ExecStop without a live $MAINPID we give the orphaned master its one
+SIGTERM ourselves and wait for its session (bounded, like `run`); a clean end is recorded in
+last-stop.json for this invocation, which tells the ExecStopPost drain that no event is missing.
 """
 
 from __future__ import annotations
@@ -18,11 +32,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyrushelper import cli, exitcodes, proc
+
+from cyrushelper import cli, exitcodes, proc, state
 from cyrushelper.config import Instance
 from cyrushelper.atomic import write_atomic
 
@@ -30,6 +46,11 @@ log = logging.getLogger("cyrushelper.fence")
 
 DEFAULT_MESSAGE = "This server is restarting for maintenance; please reconnect in a few minutes"
 DEFAULT_GRACE = 5.0
+DEFAULT_STOP_TIMEOUT = 30.0     # for an orphaned master, as `run --stop-timeout`
+MASTER_ALONE_GRACE = 1.0        # as `run --master-alone-grace` (Cyrus shutdown hang, #5309)
+
+
+REPLICATION_PROGRAMS = ("sync_server", "sync_client")
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,11 @@ class Session:
     service: str
     client: str
     user: str
+    program: str = ""   # the Cyrus program serving it (from cyrus.conf, else the process's comm)
+
+    @property
+    def replication(self) -> bool:
+        return self.program in REPLICATION_PROGRAMS
 
 
 def check_message(text: str) -> str:
@@ -74,8 +100,21 @@ def fence_present(instance: Instance) -> bool:
     return instance.fence_file.exists()
 
 
-def sessions(instance: Instance) -> list[Session]:
-    """Live serving processes according to proc_path (stale files of dead PIDs are skipped)."""
+def _program(instance: Instance, service: str, pid: int) -> str:
+    """The program behind a proc_path entry: its service name is the cyrus.conf entry name
+    (config_ident), or the program's own name for a process started outside master (3.10's
+    rolling sync_client registers as "sync_client"); else the process's comm."""
+    for entry in instance.cyrus.entries:
+        if entry.name == service:
+            return entry.program
+    if service in REPLICATION_PROGRAMS:
+        return service
+    return proc.comm(pid) or ""
+
+
+def sessions(instance: Instance, replication: bool = False) -> list[Session]:
+    """Live serving processes according to proc_path (stale files of dead PIDs are skipped).
+    Replication processes (sync_server, a registered sync_client) only with `replication=True`."""
     directory = instance.imapd.proc_path
     try:
         names = os.listdir(directory)
@@ -94,7 +133,9 @@ def sessions(instance: Instance) -> list[Session]:
         except FileNotFoundError:
             continue  # the session ended meanwhile
         fields += [""] * 3
-        result.append(Session(pid, fields[0], fields[1], fields[2]))
+        session = Session(pid, fields[0], fields[1], fields[2], _program(instance, fields[0], pid))
+        if replication or not session.replication:
+            result.append(session)
     return sorted(result, key=lambda s: s.pid)
 
 
@@ -119,6 +160,57 @@ def wait_for_sessions(instance: Instance, grace: float, clock=time.monotonic) ->
             watch.wait(min(remaining, 0.5))
 
 
+# --------------------------------------------------------------------------- orphaned master
+
+def main_process_gone(environ=os.environ) -> bool:
+    """Running as a unit's ExecStop whose main process is dead: systemd sets $MAINPID for control
+    processes only while the main process is known (systemd.exec(5))."""
+    if not environ.get("INVOCATION_ID"):
+        return False
+    main = environ.get("MAINPID", "")
+    return not (main.isdigit() and proc.alive(int(main)))
+
+
+def stop_orphaned_master(instance: Instance, master: int, timeout: float,
+                         alone_grace: float = MASTER_ALONE_GRACE, tick: float = 0.1) -> dict:
+    """One SIGTERM to a master we are not the parent of; wait for it and its session. Past
+    `timeout` the session is SIGKILLed and the stop recorded as unclean (state.py)."""
+    from cyrushelper.notify import Notifier, Pulse
+    pulse = Pulse(Notifier(), extend=30.0, interval=5.0)
+    t0 = time.monotonic()
+    log.warning("the unit's main process is gone but master %d still runs: one SIGTERM to it here, so "
+                "Cyrus stops cleanly instead of being SIGKILLed with the unit", master)
+    proc.signal_pids([master], signal.SIGTERM)
+    alone_since = None
+    while True:
+        master_alive = proc.alive(master)
+        left = [p for p in proc.session_members(master) if p != master]
+        now = time.monotonic()
+        if not master_alive and not left:
+            result = {"result": "clean"}
+            break
+        if master_alive and not left:
+            alone_since = alone_since or now
+            if now - alone_since >= alone_grace:
+                proc.signal_pids([master], signal.SIGKILL)  # every child has exited: nothing lost
+                result = {"result": "clean", "master_hung_after_children": True}
+                break
+        if now - t0 >= timeout:
+            killed = proc.kill_session(master)
+            state.record_unclean_stop(instance, f"the main process was gone and the orphaned master did not "
+                                                f"stop within {timeout:g}s; SIGKILLed {len(killed)} processes",
+                                      killed, master, {"by": "ExecStop (cyrushelper stop)"})
+            result = {"result": "unclean", "killed_pids": killed}
+            break
+        pulse(f"stopping orphaned master: {len(left)} children left")
+        time.sleep(tick)
+    result.update(seconds=round(time.monotonic() - t0, 3), master_pid=master,
+                  by="ExecStop (cyrushelper stop) after the main process died")
+    state.record_last_stop(instance, {"instance": instance.name, **result})
+    log.info("orphaned master %d stopped: %s after %.2fs", master, result["result"], result["seconds"])
+    return result
+
+
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -130,6 +222,10 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="one line shown to users: IMAP `* BYE [ALERT] TEXT`, LMTP `421 4.3.2 TEXT`")
     parser.add_argument("--force", action="store_true",
                         help="write the fence even when no master is running")
+    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
+                        help="as ExecStop after the main process died: SIGTERM the orphaned master "
+                             "ourselves and SIGKILL what is left after this long, recording an "
+                             f"unclean stop (default {DEFAULT_STOP_TIMEOUT:g})")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -139,8 +235,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("--message: %s", e)
         return exitcodes.USAGE
-    if args.grace < 0:
-        log.error("--grace must not be negative")
+    if args.grace < 0 or args.stop_timeout < 0:
+        log.error("--grace and --stop-timeout must not be negative")
         return exitcodes.USAGE
     master = proc.running_master(instance.pid_file)
     if master is None and not args.force:
@@ -148,7 +244,10 @@ def main(args: argparse.Namespace) -> int:
         return exitcodes.OK
     path = write_fence(instance, args.message)
     before = sessions(instance)
-    log.info("fence written (%s); %d session(s) open, grace %.1fs", path, len(before), args.grace)
+    replicating = [s for s in sessions(instance, replication=True) if s.replication]
+    log.info("fence written (%s); %d session(s) open, grace %.1fs%s", path, len(before), args.grace,
+             f"; not waiting for {len(replicating)} replication process(es) "
+             f"({', '.join(f'{s.service}[{s.pid}]' for s in replicating[:5])})" if replicating else "")
     t0 = time.monotonic()
     left = wait_for_sessions(instance, args.grace)
     waited = time.monotonic() - t0
@@ -157,4 +256,7 @@ def main(args: argparse.Namespace) -> int:
                  waited, len(left), ", ".join(f"{s.service}[{s.pid}] {s.user}".strip() for s in left[:10]))
     else:
         log.info("no session left after %.1fs", waited)
+    if master is not None and main_process_gone():
+        result = stop_orphaned_master(instance, master, args.stop_timeout)
+        return exitcodes.UNCLEAN_STOP if result["result"] == "unclean" else exitcodes.OK
     return exitcodes.OK

@@ -53,6 +53,7 @@ def collect(instance: Instance, probe: bool = True) -> dict:
         "fence": {"path": str(instance.fence_file), "present": fence.fence_present(instance)},
         "sessions": len(fence.sessions(instance)) if pid is not None else 0,
         "unclean_stop": state.unclean_stop(instance),
+        "last_reconcile": state.last_reconcile(instance),
         "last_stop": state.last_stop(instance),
         "last_drain": state.last_drain(instance),
         "state_dir": str(state.state_dir(instance)),
@@ -101,9 +102,13 @@ def format_text(report: dict) -> str:
         lines.append(f"  fence present: {report['fence']['path']} (users get BYE, LMTP 421)")
     u = report["unclean_stop"]
     if u is not None:
-        lines.append(f"  UNCLEAN STOP {u.get('time', '?')}: {u.get('reason', u.get('error', '?'))}")
-        lines.append("    replication events may be missing: run `sync_client -A` per channel, "
-                     "then `cyrushelper status --ack-unclean`")
+        lines.append(f"  UNCLEAN STOP: {state.describe_unclean(u)}")
+        lines.append(f"    meaning: {state.UNCLEAN_MEANING}")
+        lines.append(f"    cleared by: {state.UNCLEAN_CLEARED_BY}")
+    elif report.get("last_reconcile"):
+        r = report["last_reconcile"]
+        lines.append(f"  no unclean stop pending (the last one was cleared {r.get('time', '?')} by "
+                     f"{r.get('by', '?')})")
     s = report["last_stop"]
     if s is not None:
         lines.append(f"  last stop {s.get('time', '?')}: {s.get('result', s.get('error', '?'))}"

@@ -350,6 +350,7 @@ class Supervisor:
         log.info("starting %s", " ".join(cmd))
         self.master = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
                                        env=strip_notify_env(os.environ))
+        state.record_run(self.instance, self.master.pid)
 
     def wait_ready(self, use_ready_file: bool) -> str:
         """'ready', 'stop' (a stop signal arrived), 'died' or 'timeout'."""
@@ -387,9 +388,9 @@ class Supervisor:
             elif self.options.reconcile == "recommend":
                 self.notes["unclean"] = (f"unclean stop {when}: reconcile with sync_client -A "
                                          "(or run with --reconcile=auto)")
-                log.warning("the last stop (%s) was unclean (%s): replication events may be missing; "
-                            "run `sync_client -C %s -A` per channel, then `cyrushelper status --ack-unclean`",
-                            when, marker.get("reason", "?"), self.instance.imapd.path)
+                log.warning("%s: replication events may be missing that no log replay recovers; cleared "
+                            "by %s (here: `sync_client -C %s -A` per channel)", state.describe_unclean(marker),
+                            state.UNCLEAN_CLEARED_BY, self.instance.imapd.path)
         self.check_leftovers()
 
     def start_reconcile(self) -> None:
@@ -443,9 +444,12 @@ class Supervisor:
         codes = [code for _, code in job.results]
         if name == "reconcile":
             if job.succeeded:
-                state.clear_unclean_stop(self.instance)
+                marker = state.unclean_stop(self.instance)
+                state.clear_unclean_stop(self.instance, by="reconcile at start: sync_client -A succeeded "
+                                                          f"on every channel ({len(job.commands)})")
                 self.notes.pop("unclean", None)
-                log.info("reconcile finished: every channel re-synced, unclean-stop marker cleared")
+                log.info("reconcile finished: every channel re-synced, unclean-stop marker cleared (%s)",
+                         state.describe_unclean(marker) if marker else "already gone")
             else:
                 self.notes["unclean"] = f"reconcile after unclean stop FAILED (exit {codes}): marker kept"
                 log.error("reconcile failed (exit codes %s); the unclean-stop marker stays", codes)
@@ -599,7 +603,7 @@ class Supervisor:
         self.snapshot_leftovers()
         marker = state.unclean_stop(self.instance)
         if marker is not None:
-            log.warning("unclean-stop marker present (%s: %s)", marker.get("time"), marker.get("reason"))
+            log.warning("unclean-stop marker present: %s", state.describe_unclean(marker))
         if fence.remove_fence(self.instance):
             log.info("removed a stale fence %s (left by an earlier stop)", self.instance.fence_file)
         use_ready_file = has_ready_file(master_version(master))

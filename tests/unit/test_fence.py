@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cyrushelper import exitcodes, fence
+from cyrushelper import exitcodes, fence, proc
 from cyrushelper.config import Instance
 from tests.unit.test_supervisor_fakes import FakeCyrus
 
@@ -116,3 +116,86 @@ def test_stop_force_writes_fence_with_message(fake):
 def test_stop_refuses_bad_message_and_grace(fake):
     assert _stop(fake, "--message", "a\nb").returncode == exitcodes.USAGE
     assert _stop(fake, "--grace", "-1").returncode == exitcodes.USAGE
+
+
+def test_replication_processes_are_not_sessions(tmp_path, fake):
+    """A sync_server serving the primary's rolling client (named by its cyrus.conf entry), and
+    Cyrus 3.10's rolling sync_client registering itself, do not end because of the fence: the
+    grace must not wait for them (issue 13: every replica stop waited its full 5 s)."""
+    conf = fake.cyrus_conf.read_text().replace(
+        "SERVICES {\n", f'SERVICES {{\n  syncsrv cmd="sync_server -C {fake.imapd_conf}" listen="127.0.0.1:1"\n')
+    fake.cyrus_conf.write_text(conf)
+    inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    try:
+        _proc_file(fake, sleepers[0].pid, service="syncsrv", user="repl")
+        _proc_file(fake, sleepers[1].pid, service="sync_client", user="")
+        _proc_file(fake, sleepers[2].pid, service="imap", user="alice")
+        assert [s.pid for s in fence.sessions(inst)] == [sleepers[2].pid]
+        everything = fence.sessions(inst, replication=True)
+        assert sorted((s.service, s.replication) for s in everything) == [
+            ("imap", False), ("sync_client", True), ("syncsrv", True)]
+        os.unlink(fake.config / "proc" / str(sleepers[2].pid))
+        # with replication counted, this would wait the whole grace and return them
+        assert fence.wait_for_sessions(inst, grace=30) == []
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
+def _orphan_master(fake, mode=""):
+    """The fake master in a session of its own, as `run` starts it; returns the Popen once it
+    wrote its pid file and forked its children."""
+    p = subprocess.Popen([str(fake.bindir / "master"), *fake.args(), "-p", str(fake.pid_file), "-D"],
+                         env=fake.env(mode), start_new_session=True)
+    deadline = time.monotonic() + 30
+    while fake.first("master listening") is None:
+        assert time.monotonic() < deadline and p.poll() is None, fake.log.read_text()
+        time.sleep(0.05)
+    return p
+
+
+def test_main_process_gone_reads_systemds_mainpid(monkeypatch):
+    assert not fence.main_process_gone({})                       # not run by systemd at all
+    assert not fence.main_process_gone({"INVOCATION_ID": "x", "MAINPID": str(os.getpid())})
+    assert fence.main_process_gone({"INVOCATION_ID": "x"})       # systemd knows no main process
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert fence.main_process_gone({"INVOCATION_ID": "x", "MAINPID": str(dead.pid)})
+
+
+def test_orphaned_master_gets_one_sigterm_and_a_clean_stop_is_recorded(fake, monkeypatch):
+    """Issue 13: a killed `run` must not turn into Cyrus being SIGKILLed with the unit."""
+    from cyrushelper import state
+    monkeypatch.setenv("INVOCATION_ID", "orphan-test")
+    inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
+    p = _orphan_master(fake)
+    try:
+        result = fence.stop_orphaned_master(inst, p.pid, timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+    assert result["result"] == "clean", result
+    assert fake.count("master SIGTERM") == 1 and fake.count("child SIGTERM") == 2
+    last = state.last_stop(inst)
+    assert (last["result"], last["invocation_id"]) == ("clean", "orphan-test")
+    assert "ExecStop" in last["by"]
+    assert state.unclean_stop(inst) is None
+
+
+def test_orphaned_master_past_its_deadline_is_killed_and_recorded_unclean(fake, monkeypatch):
+    from cyrushelper import state
+    monkeypatch.setenv("INVOCATION_ID", "orphan-test-2")
+    inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
+    p = _orphan_master(fake, "stuck_child")
+    try:
+        result = fence.stop_orphaned_master(inst, p.pid, timeout=1.0)
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+    assert result["result"] == "unclean" and result["killed_pids"], result
+    marker = state.unclean_stop(inst)
+    assert marker["invocation_id"] == "orphan-test-2" and marker["killed_pids"] == sorted(result["killed_pids"])
+    assert proc.session_members(p.pid) == []
