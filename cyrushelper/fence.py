@@ -37,10 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from cyrushelper import cli, exitcodes, proc, state
-from cyrushelper.config import Instance
+from cyrushelper import arguments, exitcodes, proc, state
 from cyrushelper.atomic import write_atomic
+from cyrushelper.config import Instance
+from cyrushelper.notify import Notifier, Pulse
+from cyrushelper.syncwatch import DirWatch
 
 log = logging.getLogger("cyrushelper.fence")
 
@@ -144,8 +145,6 @@ def wait_for_sessions(instance: Instance, grace: float, clock=time.monotonic) ->
 
     inotify on proc_path wakes us when a session ends; a short re-check interval also covers
     processes that died without removing their file."""
-    from cyrushelper.syncwatch import DirWatch
-
     deadline = clock() + grace
     left = sessions(instance)
     if not left or grace <= 0:
@@ -175,7 +174,6 @@ def stop_orphaned_master(instance: Instance, master: int, timeout: float,
                          alone_grace: float = MASTER_ALONE_GRACE, tick: float = 0.1) -> dict:
     """One SIGTERM to a master we are not the parent of; wait for it and its session. Past
     `timeout` the session is SIGKILLed and the stop recorded as unclean (state.py)."""
-    from cyrushelper.notify import Notifier, Pulse
     pulse = Pulse(Notifier(), extend=30.0, interval=5.0)
     t0 = time.monotonic()
     log.warning("the unit's main process is gone but master %d still runs: one SIGTERM to it here, so "
@@ -214,29 +212,26 @@ def stop_orphaned_master(instance: Instance, master: int, timeout: float,
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    cli.add_config_arguments(parser)
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+    arguments.add_instance_arguments(parser)
+    parser.add_argument("--grace", type=arguments.seconds, default=DEFAULT_GRACE, metavar="SECONDS",
                         help=f"how long open sessions may finish after the fence (default {DEFAULT_GRACE:g}); "
                              "ends early when no session process is left")
     parser.add_argument("--message", default=DEFAULT_MESSAGE, metavar="TEXT",
                         help="one line shown to users: IMAP `* BYE [ALERT] TEXT`, LMTP `421 4.3.2 TEXT`")
     parser.add_argument("--force", action="store_true",
                         help="write the fence even when no master is running")
-    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--stop-timeout", type=arguments.seconds, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
                         help="as ExecStop after the main process died: SIGTERM the orphaned master "
                              "ourselves and SIGKILL what is left after this long, recording an "
                              f"unclean stop (default {DEFAULT_STOP_TIMEOUT:g})")
 
 
 def main(args: argparse.Namespace) -> int:
-    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
+    instance = arguments.load_instance(args)
     try:
         check_message(args.message)
     except ValueError as e:
         log.error("--message: %s", e)
-        return exitcodes.USAGE
-    if args.grace < 0 or args.stop_timeout < 0:
-        log.error("--grace and --stop-timeout must not be negative")
         return exitcodes.USAGE
     master = proc.running_master(instance.pid_file)
     if master is None and not args.force:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cyrushelper import state
 from cyrushelper.config import Instance
 from testbed.container import SystemdContainer
 from testbed.pair import CyrusPair
@@ -97,7 +98,7 @@ class LabSystem:
         return {b.channel: list(b.files) for b in (backlog(ch) for ch in self.instance(which).channels)}
 
     def state_file(self, name: str, which: str = "primary") -> dict | None:
-        path = self.pair.config_dir(which) / "cyrushelper" / name
+        path = state.directory(self.pair.config_dir(which)) / name
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
