@@ -19,6 +19,10 @@
 - `run.json`: the running invocation (master PID, systemd INVOCATION_ID), written at start: the
   evidence the drain needs when systemd killed the main process.
 - `last-drain.json`: how the last `cyrushelper drain` ended, per channel.
+- `role.json`: the role of a switchable instance (primary or replica), since when and why
+  (role.py decides what it means; `run` reads it at every start, so it survives reboots).
+- `switchover.json`: an unfinished switchover of which this instance is the old primary (the
+  persisted state machine of switchover.py); `last-switchover.json` once it finished.
 - `drain[.CHANNEL].lock`: the drainers' channel locks (locks.py takes them; they live here).
 
 The directory lives outside the sync directories, where Cyrus never looks. Every write is atomic
@@ -32,7 +36,7 @@ import os
 import time
 from pathlib import Path
 
-from cyrushelper.atomic import give_to_owner_of, write_atomic
+from cyrushelper.atomic import fsync_dir, give_to_owner_of, write_atomic
 from cyrushelper.config import Instance
 
 DIRNAME = "cyrushelper"
@@ -41,6 +45,9 @@ LAST_STOP = "last-stop.json"
 LAST_DRAIN = "last-drain.json"
 LAST_RECONCILE = "last-reconcile.json"
 RUN = "run.json"
+ROLE = "role.json"
+SWITCHOVER = "switchover.json"
+LAST_SWITCHOVER = "last-switchover.json"
 UNCLEAN_HISTORY = 10            # events kept in the marker (the latest first)
 UNCLEAN_MEANING = ("a Cyrus process was killed before a safe point: a mailbox change may have no sync "
                    "log line, which no log replay recovers")
@@ -192,3 +199,38 @@ def record_last_drain(instance: Instance, result: dict) -> Path:
 
 def last_drain(instance: Instance) -> dict | None:
     return read_json(state_dir(instance) / LAST_DRAIN)
+
+
+# --------------------------------------------------------------------------- role and switchover
+
+def read_role(configdirectory: os.PathLike | str) -> dict | None:
+    return read_json(directory(configdirectory) / ROLE)
+
+
+def write_role(configdirectory: os.PathLike | str, role: str, by: str, **extra) -> dict:
+    record = {"role": role, "since": now_iso(), "by": by, **extra}
+    write_json_atomic(ensure_directory(configdirectory) / ROLE, record)
+    return record
+
+
+def read_switchover(configdirectory: os.PathLike | str) -> dict | None:
+    return read_json(directory(configdirectory) / SWITCHOVER)
+
+
+def write_switchover(configdirectory: os.PathLike | str, record: dict) -> None:
+    write_json_atomic(ensure_directory(configdirectory) / SWITCHOVER, record)
+
+
+def finish_switchover(configdirectory: os.PathLike | str, record: dict) -> None:
+    """The switchover ended (done, rolled back or aborted): keep it as last-switchover.json."""
+    base = ensure_directory(configdirectory)
+    write_json_atomic(base / LAST_SWITCHOVER, record)
+    try:
+        os.unlink(base / SWITCHOVER)
+    except FileNotFoundError:
+        pass
+    fsync_dir(base)
+
+
+def last_switchover(configdirectory: os.PathLike | str) -> dict | None:
+    return read_json(directory(configdirectory) / LAST_SWITCHOVER)

@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cyrushelper import arguments, cyrus, exitcodes, fence, proc, state, synclog
+from cyrushelper import arguments, cyrus, exitcodes, fence, proc, role, state, synclog
 from cyrushelper.channels import replication_channels, rolling_channels
-from cyrushelper.config import Instance
+from cyrushelper.config import Instance, parse_imapd_conf
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
 from cyrushelper.probe import probe_all
 from cyrushelper.syncwatch import DirWatch
@@ -250,7 +250,12 @@ class Supervisor:
         marker = state.unclean_stop(self.instance)
         if marker is not None:
             when = marker.get("time", "?")
-            if self.options.reconcile == "auto":
+            if self.instance.is_replica:
+                # sync_client -A here would push the replica's state over its primary's
+                self.notes["unclean"] = f"unclean stop {when}: reconciled from the primary, not from here"
+                log.warning("%s; this instance is a replica: the primary's reconcile (or a switchover "
+                            "proof) covers it, a replica never pushes", state.describe_unclean(marker))
+            elif self.options.reconcile == "auto":
                 self.start_reconcile()
             elif self.options.reconcile == "recommend":
                 self.notes["unclean"] = (f"unclean stop {when}: reconcile with sync_client -A "
@@ -565,10 +570,32 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "report them in STATUS (default auto)")
     parser.add_argument("--drain-timeout", type=arguments.seconds, default=d.drain_timeout, metavar="SECONDS",
                         help=f"deadline for that background drain (default {d.drain_timeout:g})")
+    parser.add_argument("--role", choices=role.ROLES,
+                        help="a switchable instance: start only in this role; refused when its recorded "
+                             "role differs (split-brain guard, exit 77)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --role: start in that role even against the record (loudly), and "
+                             "record it")
 
 
 def main(args: argparse.Namespace) -> int:
-    instance = arguments.load_instance(args, warn=True)
+    files = arguments.instance_files(args)
+    if files.switchable:
+        try:
+            configdirectory = parse_imapd_conf(files.imapd_conf).configdirectory
+            chosen = role.start_role(files, configdirectory, args.role, args.force)
+        except role.RoleRefused as e:
+            log.error("%s", e)
+            return exitcodes.REFUSED
+        instance = arguments.load_instance(args, warn=True, role=chosen)
+        for warning in role.check_switchable(instance):
+            log.warning("%s", warning)
+        log.info("instance %s starts as %s (master runs %s)", instance.name, chosen, instance.cyrus.path)
+    elif args.role is not None:
+        log.error("--role: instance %s is not switchable (its unit names one cyrus.conf)", files.name)
+        return exitcodes.USAGE
+    else:
+        instance = arguments.load_instance(args, warn=True)
     options = Options(start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
                       master_alone_grace=args.master_alone_grace,
                       status_interval=args.status_interval, reconcile=args.reconcile,
