@@ -204,12 +204,22 @@ def list_mailboxes(instance: Instance) -> dict[str, str | None]:
             if "d" not in info.get("mbtype", "") and "i" not in info.get("mbtype", "")}
 
 
+def external_name(intname: str, unixhierarchysep: bool) -> str:
+    """What mbpath (in the admin namespace: no altnamespace) reads for an internal name: with
+    unixhierarchysep (Cyrus's default) '.' separates levels as '/' and a '^' stands for '.'."""
+    domain, sep, rest = intname.rpartition("!")
+    if unixhierarchysep:
+        rest = "".join("/" if ch == "." else "." if ch == "^" else ch for ch in rest)
+    return f"{rest}@{domain}" if sep else rest
+
+
 def meta_paths(instance: Instance, names: list[str]) -> dict[str, Path]:
     """{internal name: metadata directory} via `mbpath -j` (names Cyrus cannot find are absent)."""
     found: dict[str, Path] = {}
     decoder = json.JSONDecoder()
+    unix = instance.imapd.get_bool("unixhierarchysep", True)
     for i in range(0, len(names), MBPATH_BATCH):
-        batch = names[i:i + MBPATH_BATCH]
+        batch = [external_name(n, unix) for n in names[i:i + MBPATH_BATCH]]
         out = _tool([str(cyrus.bin_dir() / "mbpath"), "-C", str(instance.imapd.path), "-q", "-j", *batch])
         pos = 0
         while True:

@@ -162,10 +162,13 @@ class LmtpLoad:
 
     def __init__(self, port: int, users: list[str], record: os.PathLike | str, host: str = LOOPBACK,
                  max_messages: int = 20000, max_seconds: float = 60.0, tag: str | None = None,
-                 pause: float = 0.0):
+                 pause: float = 0.0, endpoints: list[tuple[str, int]] | None = None):
         if not users:
             raise ValueError("LmtpLoad needs at least one user")
         self.port = port
+        # like an MTA with several LMTP hosts: a refused connection or a 421 moves to the next one
+        self.endpoints = endpoints or [(host, port)]
+        self.refusals: list[tuple[float, str]] = []   # (time, what) of every refused attempt
         self.users = list(users)
         self.record_path = Path(record)
         self.host = host
@@ -197,20 +200,29 @@ class LmtpLoad:
             self.stats.attempted += 1
             return next(self._numbers)
 
+    def _refused(self, what: str) -> None:
+        with self._lock:
+            self.refusals.append((time.time(), what))
+
     def _run(self, user: str) -> None:
         deadline = self._started + self.max_seconds
         conn: smtplib.LMTP | None = None
         backoff = 0.05
+        endpoint = 0
         while not self._stop.is_set() and time.monotonic() < deadline:
             if conn is None:
+                host, port = self.endpoints[endpoint % len(self.endpoints)]
                 try:
-                    conn = smtplib.LMTP(self.host, self.port, timeout=10)
+                    conn = smtplib.LMTP(host, port, timeout=10)
                     backoff = 0.05
                 except (OSError, smtplib.SMTPException):
                     with self._lock:
                         self.stats.connect_failures += 1
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 1.0)
+                    self._refused(f"connect {host}:{port}")
+                    endpoint += 1
+                    if endpoint % len(self.endpoints) == 0:
+                        self._stop.wait(backoff)
+                        backoff = min(backoff * 2, 1.0)
                     continue
             number = self._next_number()
             if number is None:
@@ -218,11 +230,13 @@ class LmtpLoad:
             mid, body = message(self.tag, number, login_name(user))
             try:
                 conn.sendmail("sender@lab.test", [user], body)
-            except (OSError, smtplib.SMTPException):
+            except (OSError, smtplib.SMTPException) as e:
                 with self._lock:
                     self.stats.failed += 1
+                self._refused(f"{type(e).__name__} {getattr(e, 'smtp_code', '')}".strip())
                 _close(conn)
                 conn = None
+                endpoint += 1
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
