@@ -19,7 +19,8 @@ journal line with its duration:
   proof              A stopped (its files read offline), B running as replica: every mailbox of
                      both compared (mailboxes.py: UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, count, the
                      (UID, GUID) and (UID, MODSEQ, flags) digests). Differences are repaired from A
-                     (`sync_client -u USER…`, `-A` when a shared mailbox differs) within
+                     without copyback (`sync_client -O -u USER…`, `-O -A` when a shared mailbox
+                     differs: A's state wins, nothing of B's flows back into A) within
                      --repair-timeout and compared again; still unequal → abort. The comparison is
                      written per mailbox, both sides' values, to proof-<id>.json in A's state
                      directory; stdout gets the summary. Success clears A's unclean-stop marker.
@@ -182,8 +183,8 @@ class Switchover:
         (log.info if ok else log.error)("switchover %s: step %s %s in %.2fs%s", self.record["id"], name,
                                         "done" if ok else "FAILED", seconds, f": {detail}" if detail else "")
         self.say(f"[{'ok' if ok else 'FAILED'}] {name} {seconds:.2f}s{': ' + detail if detail else ''}")
-        if ok and os.environ.get(KILL_HOOK) == name:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if ok:
+            kill_hook(name)
         if not ok:
             raise StepFailed(f"{name}: {detail}")
         return entry
@@ -311,7 +312,9 @@ class Switchover:
                 break
             if attempt == 2:
                 raise StepFailed(f"{len(diffs)} mailbox(es) still differ after the repair (e.g. "
-                                 f"{describe_diff(diffs[0])}); report {report}")
+                                 f"{describe_diff(diffs[0])}): a difference sync_client cannot push without "
+                                 "copying the replica's own changes back, e.g. a change made on the replica; "
+                                 f"report {report}")
             self.say(f"proof: {len(diffs)} mailbox(es) differ, repairing from {self.a_files.name}: "
                      + "; ".join(describe_diff(d) for d in diffs[:5]))
             self.repair(a_inst, diffs, max(1.0, t_end - time.monotonic()))
@@ -332,7 +335,11 @@ class Switchover:
         sync_client = str(cyrus.bin_dir() / "sync_client")
         commands = []
         for ch in channels.replication_channels(a_inst):
-            base = [sync_client, "-C", str(a_inst.imapd.path)] + (["-n", ch.name] if ch.name else [])
+            # -O: no copyback. By default sync_client copies a change the replica holds with a higher
+            # MODSEQ back to the primary (measured: a message expunged on the replica then vanished
+            # from the primary too). The proof repairs towards A only; what -O cannot push (such a
+            # replica-side change) stays unequal, and the switchover aborts.
+            base = [sync_client, "-C", str(a_inst.imapd.path), "-O"] + (["-n", ch.name] if ch.name else [])
             if users:
                 commands.append(base + ["-u", *users])
             if shared:
@@ -481,6 +488,12 @@ class Switchover:
         return code
 
 
+def kill_hook(step: str) -> None:
+    """The test hook: SIGKILL ourselves right after `step`'s end was persisted."""
+    if os.environ.get(KILL_HOOK) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def compare(a: dict[str, mailboxes.Facts], b: dict[str, mailboxes.Facts]) -> list[dict]:
     diffs = []
     for name in sorted(set(a) | set(b)):
@@ -616,4 +629,5 @@ def _main(args, a: Side, b_name: str, b_host: Host, configdirectory) -> int:
     so.record["step"] = "preflight"
     so.save()
     log.info("switchover %s: step preflight done: %s", so.record["id"], plan)
+    kill_hook("preflight")
     return so.forward()

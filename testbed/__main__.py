@@ -5,6 +5,7 @@ them inside a throwaway systemd container (where the pair's loopback network liv
   load ROOT --record FILE [--seconds S] [--users alice,bob]  LMTP load until SIGTERM or S seconds
   deliver ROOT --record FILE --count N [--user alice]         N messages on one LMTP connection
   verify ROOT --record FILE [...]                              acknowledged vs present on the replica (JSON)
+  expunge ROOT --imap HOST:PORT [--user alice] [--count 1]    expunge the last messages of INBOX as the user
   create-switchable ROOT [--port-base N] [--only a|b] [--listen a=ADDR] [--peer a=ADDR]
                                                                a switchable pair (README recipe)
 For a switchable pair, load/deliver take --lmtp HOST:PORT (repeatable: tried in turn, like an MTA)
@@ -19,7 +20,7 @@ import signal
 import sys
 import threading
 
-from testbed.mail import LOOPBACK, LmtpLoad, compare_storage, deliver_lmtp, verify_on_replica
+from testbed.mail import LOOPBACK, LmtpLoad, compare_storage, deliver_lmtp, expunge_last, verify_on_replica
 from testbed.pair import CyrusPair, SwitchablePair
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("create", "load", "deliver", "verify", "create-switchable"):
+    for name in ("create", "load", "deliver", "verify", "create-switchable", "expunge"):
         p = sub.add_parser(name)
         p.add_argument("root")
         p.add_argument("--port-base", type=int, default=11000)
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--lmtp", action="append", default=[], metavar="HOST:PORT")
         if name == "verify":
             p.add_argument("--imap", metavar="HOST:PORT", help="check this side (default: the pair's replica)")
+        if name == "expunge":
+            p.add_argument("--imap", metavar="HOST:PORT", required=True)
+            p.add_argument("--user", default="alice")
+            p.add_argument("--count", type=int, default=1)
         if name == "create":
             p.add_argument("--rolling", action="store_true")
             p.add_argument("--channels", help="comma-separated sync_log_channels ('\"\"' = default)")
@@ -69,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--listen and --peer need both a= and b= (or neither)")
         pair.create(args.only)
         print(json.dumps({"root": str(pair.root)}))
+        return 0
+    if args.command == "expunge":
+        host, _, port = args.imap.rpartition(":")
+        print(json.dumps({"expunged": expunge_last(int(port), args.user, args.count, host=host)}))
         return 0
     pair = _pair(args)
     endpoints = [(h, int(p)) for h, _, p in (x.rpartition(":") for x in getattr(args, "lmtp", []))]

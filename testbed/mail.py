@@ -427,3 +427,23 @@ def compare_storage(primary_conf: os.PathLike | str, replica_conf: os.PathLike |
                                           same=a is not None and a == b))
     return StorageComparison(primary_only=sorted(set(primary) - set(replica)),
                              replica_only=sorted(set(replica) - set(primary)), mailboxes=compared)
+
+
+def expunge_last(imap_port: int, user: str, count: int = 1, host: str = LOOPBACK) -> list[int]:
+    """As `user`, expunge the `count` highest UIDs of INBOX (on a replica: a change behind
+    replication's back, which the primary never hears of). Returns the UIDs removed."""
+    conn = imaplib.IMAP4(host, imap_port, timeout=30)
+    try:
+        conn.login(user, password_for(user))
+        conn.select("INBOX")
+        typ, data = conn.uid("SEARCH", None, "ALL")
+        uids = [int(u) for u in data[0].split()][-count:]
+        if uids:
+            conn.uid("STORE", ",".join(map(str, uids)), "+FLAGS.SILENT", r"(\Deleted)")
+            conn.expunge()
+        return uids
+    finally:
+        try:
+            conn.logout()
+        except (OSError, imaplib.IMAP4.error):
+            pass
