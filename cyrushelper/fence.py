@@ -19,12 +19,6 @@ replays its `log-run` from the start, so nothing is lost.
 
 Nothing here needs master: a socket-activated instance fences and waits the same way.
 
-When the unit's main process (`cyrushelper run`) was killed, systemd still runs ExecStop, and
-after it SIGKILLs whatever is left of the unit (KillMode=mixed: the SIGTERM phase has no main
-process to signal). Master and its children would then die mid-write: an unclean stop caused
-only by a dead helper. So as ExecStop without a live $MAINPID we give the orphaned master its one
-SIGTERM ourselves and wait for its session (bounded, like `run`); a clean end is recorded in
-last-stop.json for this invocation, which tells the ExecStopPost drain that no event is missing.
 """
 
 from __future__ import annotations
@@ -32,23 +26,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyrushelper import arguments, exitcodes, proc, state
+from cyrushelper import arguments, exitcodes, proc
 from cyrushelper.atomic import write_atomic
 from cyrushelper.config import Instance
-from cyrushelper.notify import Notifier, Pulse
 from cyrushelper.syncwatch import DirWatch
 
 log = logging.getLogger("cyrushelper.fence")
 
 DEFAULT_MESSAGE = "This server is restarting for maintenance; please reconnect in a few minutes"
 DEFAULT_GRACE = 5.0
-DEFAULT_STOP_TIMEOUT = 30.0     # for an orphaned master, as `run --stop-timeout`
-MASTER_ALONE_GRACE = 1.0        # as `run --master-alone-grace` (Cyrus shutdown hang, #5309)
 
 
 REPLICATION_PROGRAMS = ("sync_server", "sync_client")
@@ -159,56 +149,6 @@ def wait_for_sessions(instance: Instance, grace: float, clock=time.monotonic) ->
             watch.wait(min(remaining, 0.5))
 
 
-# --------------------------------------------------------------------------- orphaned master
-
-def main_process_gone(environ=os.environ) -> bool:
-    """Running as a unit's ExecStop whose main process is dead: systemd sets $MAINPID for control
-    processes only while the main process is known (systemd.exec(5))."""
-    if not environ.get("INVOCATION_ID"):
-        return False
-    main = environ.get("MAINPID", "")
-    return not (main.isdigit() and proc.alive(int(main)))
-
-
-def stop_orphaned_master(instance: Instance, master: int, timeout: float,
-                         alone_grace: float = MASTER_ALONE_GRACE, tick: float = 0.1) -> dict:
-    """One SIGTERM to a master we are not the parent of; wait for it and its session. Past
-    `timeout` the session is SIGKILLed and the stop recorded as unclean (state.py)."""
-    pulse = Pulse(Notifier(), extend=30.0, interval=5.0)
-    t0 = time.monotonic()
-    log.warning("the unit's main process is gone but master %d still runs: one SIGTERM to it here, so "
-                "Cyrus stops cleanly instead of being SIGKILLed with the unit", master)
-    proc.signal_pids([master], signal.SIGTERM)
-    alone_since = None
-    while True:
-        master_alive = proc.alive(master)
-        left = [p for p in proc.session_members(master) if p != master]
-        now = time.monotonic()
-        if not master_alive and not left:
-            result = {"result": "clean"}
-            break
-        if master_alive and not left:
-            alone_since = alone_since or now
-            if now - alone_since >= alone_grace:
-                proc.signal_pids([master], signal.SIGKILL)  # every child has exited: nothing lost
-                result = {"result": "clean", "master_hung_after_children": True}
-                break
-        if now - t0 >= timeout:
-            killed = proc.kill_session(master)
-            state.record_unclean_stop(instance, f"the main process was gone and the orphaned master did not "
-                                                f"stop within {timeout:g}s; SIGKILLed {len(killed)} processes",
-                                      killed, master, {"by": "ExecStop (cyrushelper stop)"})
-            result = {"result": "unclean", "killed_pids": killed}
-            break
-        pulse(f"stopping orphaned master: {len(left)} children left")
-        time.sleep(tick)
-    result.update(seconds=round(time.monotonic() - t0, 3), master_pid=master,
-                  by="ExecStop (cyrushelper stop) after the main process died")
-    state.record_last_stop(instance, {"instance": instance.name, **result})
-    log.info("orphaned master %d stopped: %s after %.2fs", master, result["result"], result["seconds"])
-    return result
-
-
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -220,10 +160,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="one line shown to users: IMAP `* BYE [ALERT] TEXT`, LMTP `421 4.3.2 TEXT`")
     parser.add_argument("--force", action="store_true",
                         help="write the fence even when no master is running")
-    parser.add_argument("--stop-timeout", type=arguments.seconds, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
-                        help="as ExecStop after the main process died: SIGTERM the orphaned master "
-                             "ourselves and SIGKILL what is left after this long, recording an "
-                             f"unclean stop (default {DEFAULT_STOP_TIMEOUT:g})")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -251,7 +187,4 @@ def main(args: argparse.Namespace) -> int:
                  waited, len(left), ", ".join(f"{s.service}[{s.pid}] {s.user}".strip() for s in left[:10]))
     else:
         log.info("no session left after %.1fs", waited)
-    if master is not None and main_process_gone():
-        result = stop_orphaned_master(instance, master, args.stop_timeout)
-        return exitcodes.UNCLEAN_STOP if result["result"] == "unclean" else exitcodes.OK
     return exitcodes.OK

@@ -6,8 +6,11 @@
   *after* the mailbox index commit (imap/mailbox.c mailbox_commit), so a change may be on disk
   without its sync log line: replaying the sync log cannot bring it to the replica, only a full
   comparison can (`sync_client -A`, or the switchover proof). It does NOT mean "the helper was
-  killed": a `cyrushelper run` killed while Cyrus itself stopped cleanly (or after it had) loses
-  nothing, and the ExecStopPost drain replays whatever the log holds.
+  killed": a `cyrushelper run` killed after Cyrus had stopped cleanly loses nothing, and the
+  ExecStopPost drain replays whatever the log holds. But a `run` killed while master runs does
+  mean Cyrus was killed: systemd (252, KillMode=mixed; measured) then skips ExecStop and SIGKILLs
+  every process left in the unit at once ("Killing process N (master) with signal SIGKILL"), so
+  the drain records it, with this start's master PID (run.json) as evidence.
   The marker holds the *latest* such event with its evidence, the first one since the last
   reconcile, how many there were and how many stops followed (a clean stop after an unclean one
   does not recover anything). It is cleared only by a proof: a reconcile that succeeded on every

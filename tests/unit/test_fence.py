@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cyrushelper import exitcodes, fence, proc
+from cyrushelper import exitcodes, fence
 from cyrushelper.config import Instance
 from tests.unit.test_supervisor_fakes import FakeCyrus
 
@@ -143,59 +143,3 @@ def test_replication_processes_are_not_sessions(tmp_path, fake):
             p.kill()
             p.wait()
 
-
-def _orphan_master(fake, mode=""):
-    """The fake master in a session of its own, as `run` starts it; returns the Popen once it
-    wrote its pid file and forked its children."""
-    p = subprocess.Popen([str(fake.bindir / "master"), *fake.args(), "-p", str(fake.pid_file), "-D"],
-                         env=fake.env(mode), start_new_session=True)
-    deadline = time.monotonic() + 30
-    while fake.first("master listening") is None:
-        assert time.monotonic() < deadline and p.poll() is None, fake.log.read_text()
-        time.sleep(0.05)
-    return p
-
-
-def test_main_process_gone_reads_systemds_mainpid(monkeypatch):
-    assert not fence.main_process_gone({})                       # not run by systemd at all
-    assert not fence.main_process_gone({"INVOCATION_ID": "x", "MAINPID": str(os.getpid())})
-    assert fence.main_process_gone({"INVOCATION_ID": "x"})       # systemd knows no main process
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    assert fence.main_process_gone({"INVOCATION_ID": "x", "MAINPID": str(dead.pid)})
-
-
-def test_orphaned_master_gets_one_sigterm_and_a_clean_stop_is_recorded(fake, monkeypatch):
-    """Issue 13: a killed `run` must not turn into Cyrus being SIGKILLed with the unit."""
-    from cyrushelper import state
-    monkeypatch.setenv("INVOCATION_ID", "orphan-test")
-    inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
-    p = _orphan_master(fake)
-    try:
-        result = fence.stop_orphaned_master(inst, p.pid, timeout=30)
-    finally:
-        p.kill()
-        p.wait()
-    assert result["result"] == "clean", result
-    assert fake.count("master SIGTERM") == 1 and fake.count("child SIGTERM") == 2
-    last = state.last_stop(inst)
-    assert (last["result"], last["invocation_id"]) == ("clean", "orphan-test")
-    assert "ExecStop" in last["by"]
-    assert state.unclean_stop(inst) is None
-
-
-def test_orphaned_master_past_its_deadline_is_killed_and_recorded_unclean(fake, monkeypatch):
-    from cyrushelper import state
-    monkeypatch.setenv("INVOCATION_ID", "orphan-test-2")
-    inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
-    p = _orphan_master(fake, "stuck_child")
-    try:
-        result = fence.stop_orphaned_master(inst, p.pid, timeout=1.0)
-        p.wait(timeout=30)
-    finally:
-        p.kill()
-        p.wait()
-    assert result["result"] == "unclean" and result["killed_pids"], result
-    marker = state.unclean_stop(inst)
-    assert marker["invocation_id"] == "orphan-test-2" and marker["killed_pids"] == sorted(result["killed_pids"])
-    assert proc.session_members(p.pid) == []
