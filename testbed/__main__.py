@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         stats = load.stop()
         print(json.dumps({"acknowledged": stats.acknowledged, "failed": stats.failed,
                           "connect_failures": stats.connect_failures,
-                          "refusals": [t for t, _ in load.refusals]}), flush=True)
+                          "refusals": [t for t, _ in load.refusals],
+                          "longest_gap": list(load.longest_gap())}), flush=True)
         return 0
 
     if args.command == "verify":

@@ -169,6 +169,7 @@ class LmtpLoad:
         # like an MTA with several LMTP hosts: a refused connection or a 421 moves to the next one
         self.endpoints = endpoints or [(host, port)]
         self.refusals: list[tuple[float, str]] = []   # (time, what) of every refused attempt
+        self.ack_times: list[float] = []               # time.time() of every 250
         self.users = list(users)
         self.record_path = Path(record)
         self.host = host
@@ -242,6 +243,7 @@ class LmtpLoad:
                 continue
             self._record.add(user, mid)
             with self._lock:
+                self.ack_times.append(time.time())
                 self.stats.acknowledged += 1
                 self.stats.per_user[user] += 1
             if self.pause:
@@ -252,6 +254,14 @@ class LmtpLoad:
             except (OSError, smtplib.SMTPException):
                 pass
             _close(conn)
+
+    def longest_gap(self) -> tuple[float, float]:
+        """(start, end) of the longest time without an acknowledged delivery: the write outage an
+        MTA saw (its own back-off included)."""
+        times = sorted(self.ack_times)
+        if len(times) < 2:
+            return (0.0, 0.0)
+        return max(zip(times, times[1:]), key=lambda pair: pair[1] - pair[0])
 
     def wait_acknowledged(self, count: int, timeout: float = 10.0) -> bool:
         """True once at least `count` messages were acknowledged (False after `timeout`)."""
