@@ -140,3 +140,22 @@ def test_targets_and_ssh_command_lines():
     assert argv[0] == "ssh" and "BatchMode=yes" in argv and argv[-3:] == ["root@h1", "--",
                                                                          "/opt/v/bin/cyrushelper status --instance 'b x'"]
     assert Host(None).argv(["true"]) == ["true"]
+
+
+def test_switchover_refuses_before_touching_anything():
+    """Usage errors exit 2; an instance without a unit (here: no systemd at all) is refused, 77."""
+    r = run_cli("switchover", "--from", "a", "--to", "a")
+    assert r.returncode == exitcodes.USAGE and "same instance" in r.stderr
+    r = run_cli("switchover", "--from", "a", "--to", "b", "--resume", "--abort")
+    assert r.returncode == exitcodes.USAGE
+    r = run_cli("switchover", "--from", "nonexistent-instance", "--to", "b")
+    assert r.returncode == exitcodes.REFUSED and "no unit cyrus@nonexistent-instance.service" in r.stderr
+
+
+def test_switchover_help_lists_every_option():
+    r = run_cli("switchover", "--help")
+    for option in ("--from", "--to", "--dry-run", "--resume", "--abort", "--json", "--force", "--max-backlog",
+                   "--stop-timeout", "--start-timeout", "--repair-timeout", "--canary-timeout", "--canary-rcpt"):
+        assert option in r.stdout, option
+    for code in (exitcodes.ROLLED_BACK, exitcodes.UNFINISHED, exitcodes.UNVERIFIED, exitcodes.REFUSED):
+        assert f"{code:>3}  " in r.stdout
