@@ -52,7 +52,8 @@ class SwitchLab:
     def lab(self, name: str, command: str, *args: str, timeout: float = 300, check: bool = True):
         pair = self.pairs[name]
         return self.c(name).run(self.c(name).python, "-m", "testbed", command, str(pair.root),
-                                "--port-base", str(self.port_base), *args, timeout=timeout, check=check)
+                                "--port-base", str(self.port_base), *args, timeout=timeout, check=check,
+                                env=self.c(name).python_env)
 
     def lmtp(self, name: str) -> str:
         return f"{self.addresses[name]}:{self.pairs[name].ports(name).lmtp}"
@@ -101,7 +102,8 @@ class SwitchLab:
         unit, record = f"lab-load-{self._loads}.service", self.workdirs["a"] / f"load-{self._loads}.record"
         c = self.c("a")
         c.run("systemd-run", f"--unit={unit}", "--quiet", "--property=KillMode=mixed",
-              f"--property=StandardOutput=file:{record}.json", c.python, "-m", "testbed", "load",
+              f"--property=StandardOutput=file:{record}.json",
+              *[f"--setenv={k}={v}" for k, v in c.python_env.items()], c.python, "-m", "testbed", "load",
               str(self.pairs["a"].root), "--port-base", str(self.port_base), "--record", str(record),
               "--seconds", str(seconds), "--pause", str(pause), "--lmtp", self.lmtp("a"), "--lmtp", self.lmtp("b"))
         return unit, record
