@@ -53,9 +53,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cyrushelper import arguments, cyrus, cyruslog, exitcodes, fence, proc, state, synclog
+from cyrushelper import arguments, cyrus, cyruslog, exitcodes, fence, proc, role, state, synclog
 from cyrushelper.channels import replication_channels, rolling_channels
-from cyrushelper.config import Instance
+from cyrushelper.config import Instance, parse_imapd_conf
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
 from cyrushelper.probe import probe_all
 from cyrushelper.syncwatch import DirWatch
@@ -347,6 +347,7 @@ class Supervisor:
         log.info("starting %s", " ".join(cmd))
         self.master = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
                                        env=strip_notify_env(os.environ))
+        state.record_run(self.instance, self.master.pid)
 
     def wait_ready(self, use_ready_file: bool) -> str:
         """'ready', 'stop' (a stop signal arrived), 'died' or 'timeout'."""
@@ -379,14 +380,20 @@ class Supervisor:
         markers = state.reconcile_markers(self.instance)
         if markers:
             described = "; ".join(state.describe_marker(n, m) for n, m in sorted(markers.items()))
-            if self.options.reconcile == "auto":
+            what = ", ".join(f"{'unclean stop' if n == state.UNCLEAN_STOP else 'sync log write failed'} "
+                             f"{m.get('time', '?')}" for n, m in sorted(markers.items()))
+            if self.instance.is_replica:
+                # sync_client -A here would push the replica's state over its primary's
+                self.notes["unclean"] = f"{what}: reconciled from the primary, not from here"
+                log.warning("%s; this instance is a replica: the primary's reconcile (or a switchover "
+                            "proof) covers it, a replica never pushes", described)
+            elif self.options.reconcile == "auto":
                 self.start_reconcile()
             elif self.options.reconcile == "recommend":
-                what = ", ".join(f"{'unclean stop' if n == state.UNCLEAN_STOP else 'sync log write failed'} "
-                                 f"{m.get('time', '?')}" for n, m in sorted(markers.items()))
                 self.notes["unclean"] = f"{what}: reconcile with sync_client -A (or run with --reconcile=auto)"
-                log.warning("%s: replication events may be missing; run `sync_client -C %s -A` per channel, "
-                            "then `cyrushelper status --ack-unclean`", described, self.instance.imapd.path)
+                log.warning("%s: replication events may be missing that no log replay recovers; cleared "
+                            "by %s (here: `sync_client -C %s -A` per channel)", described,
+                            state.UNCLEAN_CLEARED_BY, self.instance.imapd.path)
         self.report_orphans()
         self.check_leftovers()
 
@@ -440,11 +447,14 @@ class Supervisor:
         codes = [code for _, code in job.results]
         if name == "reconcile":
             if job.succeeded and self.sync_failures == 0:
-                cleared = state.clear_reconcile_markers(self.instance, by="run --reconcile=auto: sync_client "
-                                                        f"-A succeeded on every channel ({len(job.commands)})")
+                markers = state.reconcile_markers(self.instance)
+                state.clear_reconcile_markers(self.instance, by="reconcile at start: sync_client -A succeeded "
+                                                                f"on every channel ({len(job.commands)})")
                 self.notes.pop("unclean", None)
-                log.info("reconcile finished: every channel re-synced, markers cleared (%s)",
-                         ", ".join(cleared) or "none left")
+                names = " and ".join(n.replace(".json", "") + " marker" for n in sorted(markers, reverse=True))
+                log.info("reconcile finished: every channel re-synced, %s cleared (%s)", names or "no marker",
+                         "; ".join(state.describe_marker(n, m) for n, m in sorted(markers.items()))
+                         or "already gone")
             elif job.succeeded:
                 self.notes["unclean"] = "reconcile done, but sync log writes failed meanwhile: marker kept"
                 log.error("reconcile finished, but Cyrus failed to write sync log lines meanwhile: the "
@@ -606,7 +616,7 @@ class Supervisor:
         self.snapshot_leftovers()
         marker = state.unclean_stop(self.instance)
         if marker is not None:
-            log.warning("unclean-stop marker present (%s: %s)", marker.get("time"), marker.get("reason"))
+            log.warning("unclean-stop marker present: %s", state.describe_unclean(marker))
         if fence.remove_fence(self.instance):
             log.info("removed a stale fence %s (left by an earlier stop)", self.instance.fence_file)
         use_ready_file = cyrus.has_ready_file(cyrus.master_version(master))
@@ -712,10 +722,32 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "much space (or inodes) left for the cyrus user; when nothing is left while "
                              "Cyrus runs, the instance is marked for a reconcile "
                              f"(default {d.space_warn:g})")
+    parser.add_argument("--role", choices=role.ROLES,
+                        help="a switchable instance: start only in this role; refused when its recorded "
+                             "role differs (split-brain guard, exit 77)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --role: start in that role even against the record (loudly), and "
+                             "record it")
 
 
 def main(args: argparse.Namespace) -> int:
-    instance = arguments.load_instance(args, warn=True)
+    files = arguments.instance_files(args)
+    if files.switchable:
+        try:
+            configdirectory = parse_imapd_conf(files.imapd_conf).configdirectory
+            chosen = role.start_role(files, configdirectory, args.role, args.force)
+        except role.RoleRefused as e:
+            log.error("%s", e)
+            return exitcodes.REFUSED
+        instance = arguments.load_instance(args, warn=True, role=chosen)
+        for warning in role.check_switchable(instance):
+            log.warning("%s", warning)
+        log.info("instance %s starts as %s (master runs %s)", instance.name, chosen, instance.cyrus.path)
+    elif args.role is not None:
+        log.error("--role: instance %s is not switchable (its unit names one cyrus.conf)", files.name)
+        return exitcodes.USAGE
+    else:
+        instance = arguments.load_instance(args, warn=True)
     options = Options(start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
                       master_alone_grace=args.master_alone_grace,
                       status_interval=args.status_interval, reconcile=args.reconcile,

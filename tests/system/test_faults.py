@@ -137,7 +137,7 @@ def test_generate_on_a_full_or_read_only_file_system_leaves_the_previous_output(
 
 def test_unreadable_log_then_cut_off_line(cyrus_pair, tmp_path):
     """`log` a directory (was a traceback), a FIFO (hung past --deadline), then a cut-off last line
-    (was dropped and counted as drained): each exit 65 with one line, every event kept or replayed."""
+    (was dropped and counted as drained): each exit 66 with one line, every event kept or replayed."""
     pair = cyrus_pair
     record = backlog_with_primary_stopped(pair, tmp_path, n=40)
     sync = pair.config_dir("primary") / "sync"
