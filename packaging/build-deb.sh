@@ -2,7 +2,7 @@
 # Build the Debian package from this checkout in a scratch copy, then lintian it.
 #   sh packaging/build-deb.sh [OUTDIR]      (default OUTDIR: ./dist)
 # Needs: apt-get install devscripts debhelper dh-python pybuild-plugin-pyproject python3-all \
-#        python3-setuptools python3-jinja2 python3-pyinotify python3-sdnotify python3-pytest \
+#        python3-setuptools python3-jinja2 python3-sdnotify python3-pytest \
 #        python3-hypothesis lintian
 set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)

@@ -13,7 +13,7 @@ SDV=$(dpkg-query -W -f='${Version}' systemd)
 PKGS="cyrus-imapd cyrus-common cyrus-replication cyrus-admin cyrus-clients sasl2-bin
       systemd-container=$SDV libsystemd-dev=$SDV pkg-config gcc python3-venv python3-dev
       debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-jinja2
-      python3-pyinotify python3-sdnotify python3-packaging python3-pytest python3-hypothesis
+      python3-sdnotify python3-packaging python3-pytest python3-hypothesis
       dpkg-dev fakeroot debootstrap openssh-server"
 missing=""
 for p in $PKGS; do
@@ -38,6 +38,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[journal,test]'
+# Bytecode next to the checkout's modules: units run it read-only (ProtectSystem=strict), where
+# Python cannot write __pycache__ and would compile every module at every hook's start. (A wheel
+# install compiles at install time, Debian's package in its postinst, the RPM at build time.)
+.venv/bin/python -m compileall -q cyrushelper >/dev/null
 # The test bed (testbed/: Cyrus pair, LMTP load, throwaway systemd, the demo) is not part of the
 # product and not in the wheel or the packages: only this development venv imports it, from here.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

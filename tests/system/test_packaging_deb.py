@@ -27,7 +27,7 @@ pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parents[2]
 PRIMARY, REPLICA = "cyrus@primary.service", "cyrus@replica.service"
 BUILD_TOOLS = ("dpkg-buildpackage", "dh", "dh_python3")
-DEBIAN_PYTHON_PACKAGES = ("python3-jinja2", "python3-pyinotify", "python3-sdnotify",
+DEBIAN_PYTHON_PACKAGES = ("python3-jinja2", "python3-sdnotify",
                           "pybuild-plugin-pyproject", "python3-pytest", "python3-hypothesis",
                           "python3-packaging")
 

@@ -23,12 +23,8 @@ SPEC = ROOT / "packaging" / "rpm" / "cyrushelper.spec"
 
 # PyPI name -> binary package name. A new dependency in pyproject.toml fails the tests below until
 # it is added here and to both packages.
-DEBIAN_NAMES = {"jinja2": "python3-jinja2", "sdnotify": "python3-sdnotify",
-                "pyinotify": "python3-pyinotify", "pyasyncore": "python3-pyasyncore",
-                "systemd-python": "python3-systemd"}
-FEDORA_NAMES = {"jinja2": "python3-jinja2", "sdnotify": "python3-sdnotify",
-                "pyinotify": "python3-inotify", "pyasyncore": "python3-pyasyncore",
-                "systemd-python": "python3-systemd"}
+DEBIAN_NAMES = {"jinja2": "python3-jinja2", "sdnotify": "python3-sdnotify", "systemd-python": "python3-systemd"}
+FEDORA_NAMES = {"jinja2": "python3-jinja2", "sdnotify": "python3-sdnotify", "systemd-python": "python3-systemd"}
 # Where a distribution's floor is deliberately lower than pyproject.toml's, and why.
 DEBIAN_FLOORS: dict[str, str] = {}  # where Debian's floor is deliberately lower than pyproject's
 # The Python of the Debian release the package targets (bookworm), for environment markers.
