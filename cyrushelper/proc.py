@@ -7,6 +7,9 @@ Nothing here ever selects a process by name.
 
 - /proc: info, alive, catches, cmdline, children, session_members, pids
 - signals by PID: signal_pids, kill_session; ending a child: terminate (SIGTERM, grace, SIGKILL)
+- exits: wait_gone (block until PIDs exited), Exits (a Loop woken when a tracked PID exits); both
+  through pidfds (pidfd_open, Linux >= 5.3), never a sleep: a process in /proc is polled only
+  where no pidfd can be had (an old kernel, a seccomp filter)
 - Loop: a selector woken by file descriptors, signals and other threads, for every command that
   waits (run's supervisor, the drain, `watch`)
 """
@@ -14,12 +17,18 @@ Nothing here ever selects a process by name.
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
+
+KILL_SETTLE = 5.0      # how long to wait for SIGKILLed processes to be gone (D state can delay it)
+FALLBACK_POLL = 0.01   # /proc polling interval for a process no pidfd can be had for
 
 
 @dataclass(frozen=True)
@@ -147,10 +156,48 @@ def terminate(child: subprocess.Popen, grace: float) -> None:
     child.wait()
     # SIGKILL is delivered at once but a process exits a moment later (later still in D state):
     # return only when the session is empty, so no grandchild outlives us holding a lock
-    for _ in range(50):
-        if not session_members(child.pid):
-            break
-        time.sleep(0.1)
+    wait_gone(session_members(child.pid), KILL_SETTLE)
+
+
+def pidfd(pid: int) -> int | None:
+    """A pidfd for PID (readable once it exited: a zombie counts), None if it is gone already.
+    OSError when the kernel or a seccomp filter refuses pidfds."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
+    """Block until every PID has exited (zombies count) or `timeout` seconds passed; the PIDs
+    still running. Woken by each exit, not by a clock."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    fds: dict[int, int] = {}
+    untracked: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fd = pidfd(pid)
+            except OSError:
+                untracked.append(pid)
+                continue
+            if fd is not None:
+                fds[fd] = pid
+                poller.register(fd, select.POLLIN)
+        while True:
+            untracked = [p for p in untracked if alive(p)]
+            remaining = deadline - time.monotonic()
+            if (not fds and not untracked) or remaining <= 0:
+                return sorted([*fds.values(), *untracked])
+            wait = min(remaining, FALLBACK_POLL) if untracked else remaining
+            for fd, _ in poller.poll(wait * 1000):
+                poller.unregister(fd)
+                os.close(fd)
+                del fds[fd]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def comm(pid: int) -> str | None:
@@ -249,3 +296,48 @@ class Loop:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Exits:
+    """Wakes a Loop whenever one of the tracked processes exits (through pidfds registered with
+    it). `track()` PIDs listed from /proc: it keeps a pidfd only for a process that is still a
+    live member of `sid` once the pidfd is open (a PID reused meanwhile names another process),
+    and says whether every PID given could be followed that way. `complete` turns False when
+    pidfds are refused: the caller then has to look again on a short timer."""
+
+    def __init__(self, loop: Loop, sid: int):
+        self.loop, self.sid = loop, sid
+        self.complete = True
+        self._fds: dict[int, int] = {}   # pid -> pidfd
+
+    def track(self, pids: Iterable[int]) -> bool:
+        """Follow each PID's exit; False when one of them is gone or is no member any more
+        (what the caller listed is out of date: list again)."""
+        current = True
+        for pid in pids:
+            if pid in self._fds:
+                continue
+            try:
+                fd = pidfd(pid)
+            except OSError:
+                self.complete = False
+                continue
+            p = info(pid) if fd is not None else None
+            if p is None or p.zombie or p.sid != self.sid:
+                current = False
+                if fd is not None:
+                    os.close(fd)
+                continue
+            self._fds[pid] = fd
+            self.loop.add_reader(fd, partial(self._exited, pid))
+        return current
+
+    def _exited(self, pid: int) -> None:
+        fd = self._fds.pop(pid, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+
+    def close(self) -> None:
+        for pid in list(self._fds):
+            self._exited(pid)
