@@ -107,15 +107,51 @@ def pending_files(channel: Channel) -> list[Path]:
     return files
 
 
-def backlog(channel: Channel) -> Backlog:
+def backlog(channel: Channel, count=count_lines) -> Backlog:
     legacy = legacy_logs(channel.sync_dir)
     return Backlog(
         channel=channel.label,
-        log_run=count_lines(channel.log_run),
-        log=count_lines(channel.log),
-        legacy=sum(count_lines(p) for p in legacy),
+        log_run=count(channel.log_run),
+        log=count(channel.log),
+        legacy=sum(count(p) for p in legacy),
         files=tuple(p.name for p in pending_files(channel)),
     )
+
+
+class LineCounter:
+    """Line counts of sync log files kept between calls, for whoever counts again and again (run's
+    STATUS): a file that only grew since it was last counted -- the same inode, at least as
+    large, and nothing created, removed or renamed in its directory since (`forget()`) -- is
+    read from where the last count stopped. A growing backlog then costs what was appended, not
+    a re-read of the whole file each time (a replica down for an hour is a big log)."""
+
+    def __init__(self):
+        self._known: dict[Path, tuple[int, int, int]] = {}   # path -> (inode, bytes read, newlines)
+
+    def forget(self, directory: Path) -> None:
+        """Files in `directory` appeared, vanished or were renamed: count them afresh."""
+        self._known = {p: v for p, v in self._known.items() if p.parent != directory}
+
+    def __call__(self, path: Path) -> int:
+        fd = open_regular(path)
+        if fd is None:
+            self._known.pop(path, None)
+            return 0
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            offset, lines = 0, 0
+            known = self._known.get(path)
+            if known is not None and known[0] == st.st_ino and known[1] <= st.st_size:
+                offset, lines = known[1], known[2]
+                f.seek(offset)
+            while chunk := f.read(1 << 16):
+                lines += chunk.count(b"\n")
+                offset += len(chunk)
+        self._known[path] = (st.st_ino, offset, lines)
+        return lines
+
+    def backlog(self, channel: Channel) -> Backlog:
+        return backlog(channel, self)
 
 
 # --------------------------------------------------------------------------- lines Cyrus would drop
