@@ -14,6 +14,11 @@ place where it says that it could not do something. Two uses:
 
 journalctl is used as a program (no library): it is where systemd is, and outside systemd there is
 no journal to read; callers then say that this source is missing instead of pretending.
+
+When to ask: `journal_directories()` are where journald keeps this machine's journal files. It
+writes them through mmap and then truncates each to its own size, at most every 250 ms, so that
+inotify watchers see IN_MODIFY (systemd's journal_file_post_change()): that is the event `run`
+waits for, instead of asking on a timer while nothing is logged at all.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from cyrushelper.notify import strip_notify_env
 
@@ -37,6 +43,7 @@ SYNC_LOG_FAILURE_RE = re.compile(r"write\(\) to \S*/sync/(?:[^/\s]+/)?log failed
 # journalctl --grep (PCRE2) keeps the rest of Cyrus's chatter (every login) out of our pipe
 GREP = r"write\(\) to \S+ failed|sync_log\(\): |Suppressed \d+ messages"
 QUERY_TIMEOUT = 10.0
+JOURNAL_BASES = ("/run/log/journal", "/var/log/journal")   # volatile and persistent storage
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,23 @@ def available() -> bool:
 
 def invocation_id() -> str | None:
     return os.environ.get("INVOCATION_ID") or None
+
+
+def journal_directories(bases=JOURNAL_BASES, machine_id_file: str = "/etc/machine-id") -> list[Path]:
+    """Where journald writes this machine's journal files ({base}/{machine-id}) for each storage
+    base that exists (the machine-id directory may appear later, e.g. at the flush to /var)."""
+    try:
+        with open(machine_id_file, encoding="ascii") as f:
+            machine = f.read().strip()
+    except OSError:
+        return []
+    if not re.fullmatch(r"[0-9a-f]{32}", machine):
+        return []
+    return [Path(base) / machine for base in bases if os.path.isdir(base)]
+
+
+def is_journal_file(name: str) -> bool:
+    return name.endswith((".journal", ".journal~"))
 
 
 def own_unit() -> str | None:
@@ -106,8 +130,12 @@ def parse(line: bytes | str) -> Entry | None:
 
 
 def invocation_matches(invocation: str) -> list[str]:
-    # journalctl ORs match groups separated by "+": this invocation's lines, or journald's drops
-    return [f"_SYSTEMD_INVOCATION_ID={invocation}", "+", f"MESSAGE_ID={JOURNAL_DROPPED}"]
+    """This invocation's lines at LOG_ERR or worse (Cyrus logs every failed sync log write with
+    LOG_ERR, imap/sync_log.c), or journald's drops. journalctl ANDs different fields, ORs values
+    of one field and groups separated by "+": the priority match lets the journal's index skip
+    Cyrus's chatter (measured: a query after 2,000 deliveries 10.8 -> 3.4 ms of CPU)."""
+    return [f"_SYSTEMD_INVOCATION_ID={invocation}", *(f"PRIORITY={p}" for p in range(4)),
+            "+", f"MESSAGE_ID={JOURNAL_DROPPED}"]
 
 
 def sync_journal() -> None:

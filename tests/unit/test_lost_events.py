@@ -96,7 +96,7 @@ def test_the_watcher_reports_each_failure_once(tmp_path, monkeypatch):
     assert failure.cursor == "a"
     assert watcher.poll(sync=True) == []  # the overlap shows it again: not reported twice
     calls = (bindir / "calls").read_text().splitlines()
-    assert "--since=@1796139995" in calls[0] and "_SYSTEMD_INVOCATION_ID=inv1 + MESSAGE_ID=" in calls[0]
+    assert "--since=@1796139995" in calls[0] and "_SYSTEMD_INVOCATION_ID=inv1 PRIORITY=0 PRIORITY=1 PRIORITY=2 PRIORITY=3 + MESSAGE_ID=" in calls[0]
     assert calls[1] == "--sync" and f"--since=@{watcher.since - 5:.0f}"[:12] in calls[2]
 
 
