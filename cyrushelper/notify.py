@@ -67,6 +67,10 @@ class Pulse:
         self._last = None
         self._last_status = None
 
+    def due(self) -> float | None:
+        """When the next EXTEND_TIMEOUT_USEC is due (clock time), None before the first."""
+        return None if self._last is None else self._last + self.interval
+
     def __call__(self, status: str | None = None) -> None:
         now = self.clock()
         if self._last is None or now - self._last >= self.interval:

@@ -3,30 +3,42 @@
 Start: a running master for the instance makes us refuse; a stale fence (msg/shutdown) is removed;
 `master -C IMAPD -M CYRUS -p PIDFILE -D` starts in a session of its own (master's shutdown does
 kill(0, SIGTERM) on its process group, which must not include us) without NOTIFY_SOCKET.
-READY=1 is sent when Cyrus can serve. master.c binds the SERVICES sockets only after every START
-entry finished (e.g. `ctl_cyrusdb -r`), then starts `wait=y` daemons, then enters its accept loop;
-so we require every SERVICES listener to accept a connection and every service that speaks first
-(imapd, pop3d, lmtpd, timsieved, nntpd without -s) to send its greeting, which only a child forked
-by the running loop can do (probe.py). Cyrus ≥ 3.10 also creates master.ready just before that
-loop: when the installed master is that new (cyrus.py) we first wait for the file (inotify), then
-probe the listeners.
+READY=1 is sent when Cyrus can serve. Cyrus ≥ 3.10 says so itself: master creates master.ready
+just before its accept loop, after binding every SERVICES socket (cyrus.py knows which masters do),
+and READY follows the file's creation (inotify) at once. Older masters bind the SERVICES sockets
+only after every START entry finished (e.g. `ctl_cyrusdb -r`), then start `wait=y` daemons, then
+enter their accept loop; so we require every SERVICES listener to accept a connection and every
+service that speaks first (imapd, pop3d, lmtpd, timsieved, nntpd without -s) to send its
+greeting, which only a child forked by the running loop can do. The probes run in our event loop
+(probe.Prober): a greeting wakes us, a refused listener is tried again every 10 ms.
 
-Running: STATUS= shows each channel's replication backlog, refreshed from inotify events on the
-sync directories (at most every --status-interval seconds). SIGHUP goes to master (it re-reads
-cyrus.conf). Master exiting on its own ends us with exit 1: the unit fails.
+Running: STATUS= shows each channel's replication backlog, woken by inotify on the sync
+directories (one event per appended line, syncwatch.py). One delivery writes a line per channel
+and event, ~2 ms apart, so a change is sent once the sync logs have been quiet for STATUS_SETTLE
+(judged by the files' modification times): looked at STATUS_FIRST_LOOK after the first write,
+then every STATUS_BUSY_LOOK while they keep being written, and sent at least every
+--status-interval meanwhile. While a STATUS is pending the watch is not read, so a burst of mail
+costs a wake-up per STATUS_BUSY_LOOK, not one per line (a wake-up alone costs ~50 µs of CPU here).
+Counts are kept between updates (synclog.LineCounter): an update reads what was appended since
+the last one. SIGHUP goes to master (it re-reads cyrus.conf). Master exiting on its own ends us
+with exit 1: the unit fails.
 
 Lost events (issue 10): Cyrus acknowledges mail whose sync log line it could not write (lmtpd
 answers 250 and only logs "write() to …/sync/log failed: No space left on device"). What `run`
 watches, and what it can and cannot see:
-- the journal of this invocation (cyruslog.Watcher, asked every SPACE_CHECK_INTERVAL seconds and
-  once more after master is gone): every failed sync log write Cyrus reports, and journald's
-  "Suppressed N messages" for this unit (a failure may have been among them). Not available
-  outside systemd (said once at start); a journal that cannot store (its own disk full) loses
-  lines, which the next check covers.
-- statvfs of every sync file system, on each sync log change and every SPACE_CHECK_INTERVAL
-  seconds: below --space-warn percent free, STATUS warns; full (no block or inode left for the
-  cyrus user) or read-only while master runs counts as a failure, since Cyrus's next append fails.
-  A disk full for less than the interval between two checks is seen only through the journal.
+- the journal of this invocation (cyruslog.Watcher, and once more after master is gone): every
+  failed sync log write Cyrus reports, and journald's "Suppressed N messages" for this unit (a
+  failure may have been among them). Asked when journald wrote something (inotify on the journal
+  files, cyruslog.journal_directories), at most every JOURNAL_INTERVAL seconds: a failure is in
+  the marker and STATUS within JOURNAL_INTERVAL of journald storing it, and a journal nobody
+  writes to costs no wake-up at all. Where the journal files cannot be watched, it is asked every
+  JOURNAL_INTERVAL seconds. Not available outside systemd (said once at start); a journal that
+  cannot store (its own disk full) loses lines, which the next check covers.
+- statvfs of every sync file system, with each STATUS update after sync log writes and with each
+  journal check: below --space-warn percent free, STATUS warns; full (no block or inode left for
+  the cyrus user) or read-only while master runs counts as a failure, since Cyrus's next append
+  fails. A disk that fills up while neither Cyrus nor anything else writes (no event) is seen at
+  the next sync log write or journal entry -- Cyrus's own failed write is always one of them.
 - the drain (ExecStopPost) finds what a failed write left in the file: a cut-off line.
 Any of these records the sync-log-failure marker (state.py): status reports it, the drain refuses a
 clean result until a reconcile (`sync_client -A`) succeeded, --reconcile=auto runs it at the next
@@ -35,9 +47,13 @@ start. Sync log directories that sync_log_channels no longer names but hold even
 Stop (SIGTERM or SIGINT): STOPPING=1, then exactly one SIGTERM to master (the unit's
 KillMode=mixed keeps systemd from signalling the children too; a second SIGTERM would kill a
 Cyrus child at once). We wait for master and every process of its session until --stop-timeout,
-resending EXTEND_TIMEOUT_USEC and STATUS=stopping: N children left. Past the deadline the whole
-session is SIGKILLed (master first), the stop is recorded as unclean (state.py) and we exit 70.
-The next start reports the marker and, with --reconcile=auto, runs `sync_client -A` per channel.
+woken by each exit (pidfds, proc.Exits; master is our child: SIGCHLD), resending
+EXTEND_TIMEOUT_USEC and STATUS=stopping: N children left. A master left alone that does not reap
+its exited children for --master-alone-grace is the shutdown hang of Cyrus < 3.12 (cyrus.py):
+master alone is SIGKILLed and the stop stays clean. Past the deadline the whole session is
+SIGKILLed (master first) and, if a child was still running, the stop is recorded as unclean
+(state.py) and we exit 70. The next start reports the marker and, with --reconcile=auto, runs
+`sync_client -A` per channel.
 """
 
 from __future__ import annotations
@@ -57,13 +73,20 @@ from cyrushelper import arguments, cyrus, cyruslog, exitcodes, fence, proc, role
 from cyrushelper.channels import replication_channels, rolling_channels
 from cyrushelper.config import Instance, parse_imapd_conf
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
-from cyrushelper.probe import probe_all
-from cyrushelper.syncwatch import DirWatch
+from cyrushelper.probe import Prober
+from cyrushelper.syncwatch import MODIFICATIONS, DirWatch
 
 log = logging.getLogger("cyrushelper.run")
 
 RECONCILE_CHOICES = ("auto", "recommend", "off")
-SPACE_CHECK_INTERVAL = 5.0
+# A STATUS waits until the sync logs were not written for STATUS_SETTLE (more than the 4 ms an
+# mtime can lag behind the clock), looking STATUS_FIRST_LOOK after a first write and then every
+# STATUS_BUSY_LOOK while they are being written: the right count is sent at most
+# STATUS_BUSY_LOOK + STATUS_SETTLE after the last write (issue 11: within 100 ms).
+STATUS_SETTLE = 0.01
+STATUS_FIRST_LOOK = 0.03
+STATUS_BUSY_LOOK = 0.07
+JOURNAL_INTERVAL = 5.0         # at most one journal check per interval (and none without news)
 FAILURE_LOG_INTERVAL = 60.0    # at most one journal line per minute about continuing failures
 
 
@@ -145,7 +168,7 @@ class StartRefused(Exception):
 class Options:
     start_timeout: float = 120.0
     stop_timeout: float = 30.0
-    master_alone_grace: float = 1.0
+    master_alone_grace: float = 0.2
     status_interval: float = 0.5
     extend_interval: float = 5.0
     reconcile: str = "recommend"
@@ -158,25 +181,34 @@ class Options:
 class Supervisor:
     def __init__(self, instance: Instance, options: Options, notifier: Notifier | None = None):
         self.instance = instance
+        self.channels = instance.channels   # (computed from the configuration at each access)
+        # what a change of the sync logs touches: each channel's log and directory (mtime)
+        self._written_paths = [str(p) for c in self.channels for p in (c.log, c.sync_dir)]
         self.options = options
         self.notifier = notifier or Notifier()
         self.master: subprocess.Popen | None = None
         self.loop: proc.Loop | None = None
-        self.watch = None
+        self.watch: DirWatch | None = None
+        self.version: cyrus.Version | None = None
         self.jobs: dict[str, Job] = {}
         self.leftover_channels: set[str] = set()
         self.notes: dict[str, str] = {}       # extra STATUS fragments by topic
-        self._status_due: float | None = None
-        self._last_status = 0.0
+        self._status_due: float | None = None  # when the pending STATUS is sent (None: none)
+        self._status_settle = False            # ... once the sync logs settled (or --status-interval)
+        self._status_since = 0.0               # the oldest change the pending STATUS waits to show
         self._last_status_text = None
         self._backlog_text = ""
+        self.counter = synclog.LineCounter()
+        self._armed: set = set()               # watches the loop reads (not paused)
         self.repeated_stop_signals = 0
         self.journal: cyruslog.Watcher | None = None
+        self.journal_watch: DirWatch | None = None
+        self._journal_due: float | None = None
+        self._journal_checked = -JOURNAL_INTERVAL
         self.unit = cyruslog.own_unit()
         self.sync_failures = 0                 # failed sync log writes seen in this run
         self._failure_logged: dict[str, float] = {}
         self._full: set[str] = set()           # sync file systems seen full (one marker per episode)
-        self._space_due = self._space_checked = 0.0
 
     # -- helpers
     @property
@@ -203,9 +235,18 @@ class Supervisor:
         parts = [f"{proc.comm(p) or '?'}[{p}]" for p in pids[:8]]
         return ", ".join(parts) + (" …" if len(pids) > 8 else "")
 
+    def _arm(self, watch, callback, armed: bool) -> None:
+        """Have the loop read `watch` (armed), or leave its events queued in the kernel (paused)."""
+        if armed and watch not in self._armed:
+            self.loop.add_reader(watch, callback)
+            self._armed.add(watch)
+        elif not armed and watch in self._armed:
+            self.loop.remove_reader(watch)
+            self._armed.discard(watch)
+
     # -- status
     def _refresh_backlog(self) -> None:
-        self._backlog_text = synclog.format_backlog([synclog.backlog(c) for c in self.instance.channels])
+        self._backlog_text = synclog.format_backlog([self.counter.backlog(c) for c in self.channels])
 
     def status_text(self) -> str:
         parts = [self._backlog_text] + [v for _, v in sorted(self.notes.items())]
@@ -216,18 +257,56 @@ class Supervisor:
         if force or text != self._last_status_text:
             self.notifier.status(text)
             self._last_status_text = text
-        self._last_status = time.monotonic()
         self._status_due = None
 
-    def _on_sync_change(self) -> None:
+    def request_status(self) -> None:
+        """Something other than the backlog changed: send STATUS at the next turn of the loop."""
+        self._status_due, self._status_settle = time.monotonic(), False
+
+    def _read_sync_watch(self) -> bool:
         changed = self.watch.read()
-        if changed and time.monotonic() - self._space_checked >= self.options.status_interval:
-            self.check_space()  # Cyrus is writing: look at the room left (at most every status interval)
-        if changed:
-            # coalesce: Cyrus appends once per message, STATUS needs no more than a few per second
-            due = self._last_status + self.options.status_interval
-            if self._status_due is None:
-                self._status_due = due
+        for channel in self.channels:
+            if channel.label in self.watch.restructured:
+                self.counter.forget(channel.sync_dir)
+        return bool(changed)
+
+    def _on_sync_change(self) -> None:
+        """The sync logs were written (the watch is armed only while no STATUS is pending)."""
+        if not self._read_sync_watch():
+            return
+        now = time.monotonic()
+        if self._status_due is None:
+            self._status_due, self._status_settle, self._status_since = now + STATUS_FIRST_LOOK, True, now
+        # no wake-up per appended line while a STATUS is pending: its due time reads the queue
+        self._arm(self.watch, self._on_sync_change, False)
+
+    def last_write_age(self) -> float:
+        """Seconds since the sync logs were last written (appended to, or a file created, renamed
+        or removed), from the modification times of each channel's log and directory."""
+        latest = 0
+        for path in self._written_paths:
+            try:
+                latest = max(latest, os.stat(path).st_mtime_ns)
+            except OSError:
+                pass
+        return max(0.0, time.time() - latest / 1e9)
+
+    def _status_turn(self, now: float) -> None:
+        """The pending STATUS is due: send it, unless the sync logs are still being written and
+        the oldest unsent change is younger than --status-interval: then look again later."""
+        busy = self._status_settle and self.last_write_age() < STATUS_SETTLE
+        if busy and now - self._status_since < self.options.status_interval:
+            self._status_due = now + STATUS_BUSY_LOOK  # (the watch's queue is read when sending)
+            return
+        written = self._read_sync_watch()
+        self._refresh_backlog()
+        if written or self._status_settle:
+            self.check_space()  # Cyrus is writing: the room left
+        self.send_status()
+        if busy:  # --status-interval passed while the writes go on: the next STATUS is pending already
+            self._status_due, self._status_settle, self._status_since = now + STATUS_BUSY_LOOK, True, now
+        else:
+            self._arm(self.watch, self._on_sync_change, True)
 
     # -- lost events: the journal and the sync file systems
     def _open_journal(self) -> None:
@@ -237,6 +316,33 @@ class Supervisor:
                         "detected only as a full or read-only sync file system, and by the drain")
             return
         self.journal = cyruslog.Watcher(invocation, self.unit)
+        directories = cyruslog.journal_directories()
+        if not directories:
+            log.warning("no journal directory to watch (%s): the journal is asked every %.0fs instead",
+                        " or ".join(cyruslog.JOURNAL_BASES), JOURNAL_INTERVAL)
+            return
+        self.journal_watch = DirWatch(MODIFICATIONS)
+        for directory in directories:
+            self.journal_watch.add(str(directory), directory, cyruslog.is_journal_file)
+        self.journal_watch.read()
+
+    def _on_journal_activity(self) -> None:
+        """journald wrote something: look within JOURNAL_INTERVAL of the last look, and meanwhile
+        leave further news queued in the kernel (no wake-up per journal write)."""
+        self.journal_watch.read()
+        self._arm(self.journal_watch, self._on_journal_activity, False)
+        if self._journal_due is None:
+            self._journal_due = max(time.monotonic(), self._journal_checked + JOURNAL_INTERVAL)
+
+    def _journal_turn(self, now: float) -> None:
+        self.check_journal()
+        self.check_space()
+        self._journal_checked = now
+        if self.journal_watch is None or self.journal_watch.read():
+            self._journal_due = now + JOURNAL_INTERVAL  # no watch, or written meanwhile: look again
+        else:
+            self._journal_due = None
+            self._arm(self.journal_watch, self._on_journal_activity, True)
 
     def check_journal(self, sync: bool = False) -> None:
         """What Cyrus (or journald) said since the last look; `sync` first flushes journald."""
@@ -282,15 +388,13 @@ class Supervisor:
                            "writes so far)" if kind == "journal" else "replication events may be lost")
             log.error("%s; %s: marked for a reconcile in %s (sync_client -A; the drain refuses a clean "
                       "result until then)", reason, consequence, marker)
-        self._status_due = time.monotonic()
+        self.request_status()
 
     def check_space(self) -> None:
         """statvfs of each sync file system: a STATUS warning below --space-warn percent free, and a
         failure while master runs once nothing is left (Cyrus's next append fails)."""
-        self._space_checked = time.monotonic()
-        self._space_due = self._space_checked + SPACE_CHECK_INTERVAL
         low, seen = [], set()
-        for channel in self.instance.channels:
+        for channel in self.channels:
             room = synclog.room(channel.sync_dir)
             if room is None or channel.sync_dir in seen:
                 continue
@@ -314,7 +418,7 @@ class Supervisor:
                 log.warning("%s (warning below %g%%)", text, self.options.space_warn)
             else:
                 self.notes.pop("space", None)
-            self._status_due = time.monotonic()
+            self.request_status()
 
     def final_journal_check(self) -> None:
         """After master is gone: what its children logged during the stop."""
@@ -352,28 +456,31 @@ class Supervisor:
     def wait_ready(self, use_ready_file: bool) -> str:
         """'ready', 'stop' (a stop signal arrived), 'died' or 'timeout'."""
         deadline = time.monotonic() + self.options.start_timeout
-        ready_file_seen = not use_ready_file
-        delay = 0.05
-        while True:
-            if self.master_exit() is not None:
-                return "died"
-            if not ready_file_seen:
-                ready_file_seen = self.instance.ready_file.exists()
-            if ready_file_seen:
-                failures = {k: v for k, v in probe_all(self.instance).items() if v}
-                if not failures:
-                    return "ready"
-                self.notes["start"] = "starting: waiting for " + ", ".join(sorted(failures))
-                self.send_status()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "timeout"
-            # Listeners are probed with a growing interval (a connect is all Cyrus 3.6 offers);
-            # the ready file, SIGCHLD and stop signals wake us at once.
-            signums = self.loop.poll(min(delay, remaining) if ready_file_seen else min(1.0, remaining))
-            if any(s in (signal.SIGTERM, signal.SIGINT) for s in signums):
-                return "stop"
-            delay = min(delay * 2, 0.5)
+        prober = None if use_ready_file else Prober(self.instance, self.loop.selector)
+        try:
+            while True:
+                if self.master_exit() is not None:
+                    return "died"
+                if prober is None:  # the watch wakes us when master creates the file
+                    if self.instance.ready_file.exists():
+                        return "ready"
+                    self.notes["start"] = f"starting: waiting for {self.instance.ready_file}"
+                    next_try = None
+                else:
+                    next_try = prober.step()
+                    if prober.served:
+                        return "ready"
+                    self.notes["start"] = "starting: waiting for " + ", ".join(sorted(prober.failures))
+                self.send_status()  # (only when the text changed)
+                now = time.monotonic()
+                if now >= deadline:
+                    return "timeout"
+                timeout = deadline - now if next_try is None else min(deadline - now, max(0.0, next_try - now))
+                if any(s in (signal.SIGTERM, signal.SIGINT) for s in self.loop.poll(timeout)):
+                    return "stop"
+        finally:
+            if prober is not None:
+                prober.close()
 
     # -- after READY
     def start_background_work(self) -> None:
@@ -472,7 +579,14 @@ class Supervisor:
 
     # -- the running phase
     def serve(self) -> tuple[str, int | None]:
-        """Run until a stop signal ('stop', signum) or master's own exit ('died', None)."""
+        """Run until a stop signal ('stop', signum) or master's own exit ('died', None). Woken only
+        by events: a signal (SIGCHLD when master exits), a job ending, the sync logs being
+        written, journald writing; and by the timers those events set (a STATUS due, a journal
+        check due). Nothing happening means no wake-up."""
+        self.loop.remove_reader(self.watch)  # read and discarded while starting
+        self._arm(self.watch, self._on_sync_change, True)
+        if self.journal is not None:
+            self._journal_due = time.monotonic()  # what was logged while Cyrus started
         while True:
             if self.master_exit() is not None:
                 return "died", None
@@ -480,18 +594,14 @@ class Supervisor:
                 if job.done:
                     del self.jobs[name]
                     self._job_finished(name, job)
-                    self._status_due = time.monotonic()
+                    self.request_status()
             now = time.monotonic()
-            if now >= self._space_due:
-                self.check_space()
-                self.check_journal()
+            if self._journal_due is not None and now >= self._journal_due:
+                self._journal_turn(now)
             if self._status_due is not None and now >= self._status_due:
-                self._refresh_backlog()
-                self.send_status()
-            # The one timer: a disk filled by someone else shows no sync log event, and Cyrus's
-            # failed writes are only in the journal. A lost SIGCHLD is covered by the same wake-ups.
-            due = self._space_due if self._status_due is None else min(self._space_due, self._status_due)
-            signums = self.loop.poll(max(0.0, due - time.monotonic()))
+                self._status_turn(now)
+            dues = [d for d in (self._journal_due, self._status_due) if d is not None]
+            signums = self.loop.poll(max(0.0, min(dues) - time.monotonic()) if dues else None)
             for signum in signums:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     return "stop", signum
@@ -504,6 +614,8 @@ class Supervisor:
         """Exactly one SIGTERM to master, a bounded wait, SIGKILL past the deadline."""
         opts = self.options
         self.notifier.stopping(f"stopping: {reason}")
+        for watch in list(self._armed):  # no backlog or journal news while stopping
+            self._arm(watch, None, False)
         for job in list(self.jobs.values()):
             job.cancel()
         self.jobs.clear()
@@ -519,61 +631,80 @@ class Supervisor:
         return result
 
     def wait_session(self, deadline: float, pulse: Pulse, t0: float) -> dict:
+        """Wait for master and every process of its session, woken by each exit (pidfds; master,
+        our child, by SIGCHLD) and by the timers: EXTEND pulses, the alone grace, the deadline."""
+        exits = proc.Exits(self.loop, self.master_pid)
         alone_since = None
-        while True:
-            exited = self.master_exit()
-            left = self.session_left()
-            if exited is not None and not left:
-                return {"result": "clean", "seconds": round(time.monotonic() - t0, 3),
-                        "master_exit": list(exited)}
-            now = time.monotonic()
-            if exited is None and not left:
-                alone_since = alone_since or now
-                if now - alone_since >= self.options.master_alone_grace:
-                    return self.kill_hung_master(t0)
-            else:
-                alone_since = None
-            remaining = deadline - now
-            if remaining <= 0:
-                return self.escalate(exited, left, t0)
-            n = len(left)
-            pulse(f"stopping: {'master and ' if exited is None else ''}{n} children left")
-            # short polls: children exit within milliseconds of master's SIGTERM, and each
-            # tick here delays the drain that the stop is waiting for
-            for signum in self.loop.poll(min(remaining, 0.1)):
-                if signum in (signal.SIGTERM, signal.SIGINT):
-                    self.repeated_stop_signals += 1
-                    if self.repeated_stop_signals == 1:  # once: a flood must not flood the journal
-                        log.info("signal %d while stopping: ignored, like any repeat (master gets "
-                                 "exactly one SIGTERM)", signum)
+        try:
+            while True:
+                exited = self.master_exit()
+                left = self.session_left()
+                if exited is not None and not left:
+                    return {"result": "clean", "seconds": round(time.monotonic() - t0, 3),
+                            "master_exit": list(exited)}
+                if not exits.track(left):
+                    continue  # one of them exited while we listed them: list again
+                now = time.monotonic()
+                wake = [deadline, pulse.due()]
+                if exited is None and not left:
+                    alone_since = alone_since or now
+                    if cyrus.has_shutdown_hang(self.version):
+                        hang_due = alone_since + self.options.master_alone_grace
+                        if now >= hang_due:
+                            unreaped = self.unreaped_children()
+                            if unreaped:
+                                return self.kill_lone_master(t0, self._hang_reason(now - alone_since, unreaped))
+                        else:
+                            wake.append(hang_due)
+                else:
+                    alone_since = None
+                if now >= deadline:
+                    return self.escalate(exited, left, t0)
+                n = len(left)
+                pulse(f"stopping: {'master and ' if exited is None else ''}{n} children left")
+                if not exits.complete:
+                    wake.append(now + proc.FALLBACK_POLL)
+                timeout = max(0.0, min(w for w in wake if w is not None) - time.monotonic())
+                for signum in self.loop.poll(timeout):
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        self.repeated_stop_signals += 1
+                        if self.repeated_stop_signals == 1:  # once: a flood must not flood the journal
+                            log.info("signal %d while stopping: ignored, like any repeat (master gets "
+                                     "exactly one SIGTERM)", signum)
+        finally:
+            exits.close()
 
-    def kill_hung_master(self, t0: float) -> dict:
-        """Every child has exited, but master does not: Cyrus ≤ 3.12 can spin at shutdown while
-        connections wait on its listen sockets (pselect never delivers the pending SIGCHLD,
-        cyrus-imapd #5309). Master writes no replication events itself and all its children
-        finished their work, so SIGKILL to master alone loses nothing: the stop stays clean."""
-        log.warning("master %d still running %.0fs after its last child exited (Cyrus shutdown hang, "
-                    "cyrus-imapd #5309): SIGKILL to master; all children had exited, nothing is lost",
-                    self.master_pid, self.options.master_alone_grace)
+    def unreaped_children(self) -> list[int]:
+        """Master's exited children it has not reaped (zombies): a master that is alive but does
+        not reap is not handling SIGCHLD (the #5309 hang), a healthy one reaps within milliseconds."""
+        return sorted(p.pid for p in proc.all_processes() if p.ppid == self.master_pid and p.zombie)
+
+    def _hang_reason(self, alone: float, unreaped: list[int]) -> str:
+        return (f"master {self.master_pid} has not reaped its {len(unreaped)} exited children "
+                f"{alone:.2f}s after the last one exited (Cyrus shutdown hang, cyrus-imapd #5309, fixed in "
+                "3.12.0, 3.10.2 and 3.8.6)")
+
+    def kill_lone_master(self, t0: float, why: str) -> dict:
+        """Every child has exited, but master does not: SIGKILL to master alone. Master writes no
+        replication events itself and all its children finished their work, so this loses
+        nothing: the stop stays clean."""
+        log.warning("%s: SIGKILL to master; all children had exited, nothing is lost", why)
         proc.signal_pids([self.master_pid], signal.SIGKILL)
-        for _ in range(50):
-            if self.master_exit() is not None:
-                break
-            time.sleep(0.1)
+        proc.wait_gone([self.master_pid], proc.KILL_SETTLE)
         return {"result": "clean", "seconds": round(time.monotonic() - t0, 3),
                 "master_exit": list(self.master_exit() or (None, signal.SIGKILL)),
                 "master_hung_after_children": True}
 
     def escalate(self, exited, left: list[int], t0: float) -> dict:
+        if exited is None and not left:
+            return self.kill_lone_master(t0, f"stop deadline of {self.options.stop_timeout:g}s passed with "
+                                             f"master {self.master_pid} alone")
         who = ("master and " if exited is None else "") + (self._describe(left) or "no children")
         log.error("stop deadline of %.0fs passed, still running: %s; sending SIGKILL",
                   self.options.stop_timeout, who)
         self.notifier.status(f"stopping: deadline passed, SIGKILL to {len(left) + (exited is None)} processes")
         killed = proc.kill_session(self.master_pid)
-        for _ in range(50):  # SIGKILL is not instantaneous for a process in D state
-            if not self.session_left():
-                break
-            time.sleep(0.1)
+        proc.wait_gone(killed, proc.KILL_SETTLE)  # SIGKILL is not instantaneous for a process in D state
         marker = state.record_unclean_stop(self.instance, f"stop deadline of {self.options.stop_timeout:g}s "
                                            f"passed; SIGKILLed {who}", killed, self.master_pid)
         log.error("stop recorded as unclean in %s: replication events may be missing, reconcile with "
@@ -619,7 +750,8 @@ class Supervisor:
             log.warning("unclean-stop marker present: %s", state.describe_unclean(marker))
         if fence.remove_fence(self.instance):
             log.info("removed a stale fence %s (left by an earlier stop)", self.instance.fence_file)
-        use_ready_file = cyrus.has_ready_file(cyrus.master_version(master))
+        self.version = cyrus.master_version(master)
+        use_ready_file = cyrus.has_ready_file(self.version)
         if use_ready_file:
             try:
                 os.unlink(self.instance.ready_file)  # stale: master is not running (checked above)
@@ -674,18 +806,19 @@ class Supervisor:
                 # we are leaving on an exception: never leave a master without its supervisor
                 proc.kill_session(self.master.pid)
                 self.master.wait()
-            if self.watch is not None:
-                self.watch.close()
+            for watch in (self.watch, self.journal_watch):
+                if watch is not None:
+                    watch.close()
             # keep ignoring a late SIGTERM (a repeated stop) until the process has exited
             self.loop.close(restore_handlers=False)
 
     def _open_watch(self, use_ready_file: bool) -> None:
         self.watch = DirWatch()
-        for channel in self.instance.channels:
+        for channel in self.channels:
             self.watch.add_channel(channel)
         if use_ready_file:
             self.watch.add_file("master.ready", self.instance.ready_file)
-        self.loop.add_reader(self.watch, self._on_sync_change)
+        self.loop.add_reader(self.watch, self.watch.read)  # until READY: see wait_ready, serve
 
 
 # --------------------------------------------------------------------------- CLI
@@ -700,11 +833,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help=f"after master's SIGTERM, SIGKILL what is left after this long and record "
                              f"the stop as unclean (default {d.stop_timeout:g})")
     parser.add_argument("--master-alone-grace", type=arguments.seconds, default=d.master_alone_grace, metavar="SECONDS",
-                        help="when every child has exited but master has not after this long (Cyrus "
-                             "shutdown hang, cyrus-imapd #5309), SIGKILL master alone; the stop stays "
-                             f"clean because no child was cut short (default {d.master_alone_grace:g})")
+                        help="when every child has exited but master has not reaped them after this long "
+                             "(the shutdown hang of Cyrus before 3.12.0/3.10.2/3.8.6, cyrus-imapd #5309), "
+                             "SIGKILL master alone; the stop stays clean because no child was cut short "
+                             f"(default {d.master_alone_grace:g}; master exits 5-16 ms after its last child)")
     parser.add_argument("--status-interval", type=arguments.seconds, default=d.status_interval, metavar="SECONDS",
-                        help=f"at most one STATUS= update per interval (default {d.status_interval:g})")
+                        help="STATUS= shows the backlog once the sync logs were not written for "
+                             f"{STATUS_SETTLE * 1000:.0f} ms, and at least every SECONDS while they keep "
+                             f"being written (default {d.status_interval:g})")
     parser.add_argument("--reconcile", choices=RECONCILE_CHOICES, default=d.reconcile,
                         help="after an unclean stop: auto = run `sync_client -A` per channel after READY "
                              "and clear the marker on success; recommend = say so in STATUS and the "

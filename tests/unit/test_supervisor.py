@@ -257,6 +257,70 @@ def test_ready_file_of_cyrus_310_is_awaited(fake, notify, helpers):
     ready = fake.first("master ready file")
     assert ready is not None and t_ready >= ready[0]
     assert t_ready - fake.first("master listening")[0] >= 0.9
+    assert fake.count("master accepted") == 0  # Cyrus said it serves: no probe connection needed
+    h.signal()
+    assert h.wait() == 0
+
+
+def last_stop(fake) -> dict:
+    return json.loads((fake.config / "cyrushelper" / "last-stop.json").read_text())
+
+
+def test_shutdown_hang_master_alone_is_killed_and_the_stop_stays_clean(fake, notify, helpers):
+    """Cyrus 3.6: after its last child exited, master neither reaps nor exits (#5309). It is
+    SIGKILLed once it has been alone for the grace, long before the stop deadline, and since
+    every child finished, the stop is clean."""
+    h = helpers(fake, notify, "hang", extra=["--stop-timeout", "600"])
+    notify.wait_for("READY", "1")
+    master = h.master_pid()
+    h.signal()
+    assert h.wait(timeout=120) == exitcodes.OK, h.output
+    assert "has not reaped its 2 exited children" in h.output and "#5309" in h.output
+    assert fake.count("master SIGTERM") == 1 and fake.count("child SIGTERM") == 2
+    stop = last_stop(fake)
+    assert stop["result"] == "clean" and stop["master_hung_after_children"]
+    assert stop["master_exit"] == [None, signal.SIGKILL]
+    assert not (fake.config / "cyrushelper" / "unclean-stop.json").exists()
+    assert proc.session_members(master) == []
+
+
+def test_a_master_without_the_hang_is_not_killed_early(fake, notify, helpers):
+    """Cyrus 3.12 has the fix: the same lone master waits for the deadline like anything else
+    (then SIGKILL to master alone, still clean: no child was cut short)."""
+    h = helpers(fake, notify, "hang,ready_file,version=3.12.0", extra=["--stop-timeout", "2"])
+    notify.wait_for("READY", "1")
+    h.signal()
+    assert h.wait(timeout=120) == exitcodes.OK, h.output
+    assert "stop deadline of 2s passed with master" in h.output and "#5309" not in h.output
+    stop = last_stop(fake)
+    assert stop["result"] == "clean" and stop["master_hung_after_children"]
+
+
+def test_a_master_that_reaps_its_children_exits_on_its_own(fake, notify, helpers):
+    """Alone but reaping: not the hang, only slow. It is left to exit by itself."""
+    h = helpers(fake, notify, "slow_exit=2", extra=["--master-alone-grace", "0.5"])
+    notify.wait_for("READY", "1")
+    h.signal()
+    assert h.wait(timeout=120) == exitcodes.OK, h.output
+    stop = last_stop(fake)
+    assert stop["master_exit"] == [0, None] and "master_hung_after_children" not in stop
+    assert fake.count("master exit 0") == 1
+
+
+def test_an_idle_helper_sleeps_without_a_timeout(fake, notify, helpers):
+    """Nothing happening, nothing to do: the loop blocks in epoll_wait with no timeout at all
+    (no periodic check; this run has no journal to watch)."""
+    h = helpers(fake, notify)
+    notify.wait_for("READY", "1")
+    end = time.monotonic() + 30
+    syscall = ""
+    while time.monotonic() < end:
+        syscall = Path(f"/proc/{h.p.pid}/syscall").read_text().split()
+        if syscall[0] in ("232", "281") and int(syscall[4], 16) & 0xFFFFFFFF == 0xFFFFFFFF:
+            break  # epoll_wait/epoll_pwait(fd, events, maxevents, timeout=-1)
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the idle helper never blocked without a timeout: {syscall}")
     h.signal()
     assert h.wait() == 0
 

@@ -6,7 +6,9 @@ like imapd, forks children, and on SIGTERM signals each child once and exits whe
 Every signal it or a child receives is appended to FAKE_LOG, so a test can count them.
 Modes (FAKE_MASTER_MODE, comma separated): ignore_term, stuck_child, die_after=S, crash_after=S,
 slow_start=S, no_listen, ready_file (behave like 3.10: `-V` says 3.10 and master.ready appears
-after READY_DELAY=S).
+after READY_DELAY=S), version=X.Y.Z (what `-V` says), hang (after SIGTERM, never reap a child
+nor exit: the #5309 hang), slow_exit=S (exit S seconds after the last child was reaped).
+Every connection master accepts is recorded ("master accepted").
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def record(what):
         f.write(f"{time.time():.6f} {os.getpid()} {what}\n")
 
 if sys.argv[1:] == ["-V"]:
-    print("cyrus-imapd 3.10.0-fake" if "ready_file" in modes else "cyrus-imapd 3.6.1-fake")
+    version = modes.get("version") or ("3.10.0" if "ready_file" in modes else "3.6.1")
+    print(f"cyrus-imapd {version}-fake")
     sys.exit(0)
 args = sys.argv[1:]
 opts = {args[i]: args[i + 1] for i in range(0, len(args) - 1) if args[i] in ("-C", "-M", "-p")}
@@ -83,6 +86,7 @@ if "no_listen" not in modes:
         sockets.append(s)
     record(f"master listening {ports}")
 start = time.time()
+last_reaped = start
 ready_written = False
 while True:
     if "ready_file" in modes and not ready_written and time.time() - start >= float(os.environ.get("READY_DELAY", "0")):
@@ -101,13 +105,20 @@ while True:
         readable = []
     for s in readable:
         conn, _ = s.accept()
+        record("master accepted")
         conn.sendall(b"* OK fake Cyrus ready\r\n")
         conn.close()
+    if in_shutdown and "hang" in modes:
+        continue  # pselect keeps returning, SIGCHLD is never handled: no reaping, no exit
     for pid in list(children):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done:
             children.remove(pid)
+            if not children:
+                last_reaped = time.time()
     if in_shutdown and not children:
+        if time.time() - last_reaped < float(modes.get("slow_exit") or 0):
+            continue
         record("master exit 0")
         sys.exit(0)
 '''
