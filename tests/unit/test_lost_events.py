@@ -207,3 +207,13 @@ def test_scan_of_a_fifo_never_opens_it_for_reading(tmp_path):
     os.mkfifo(fifo)
     assert synclog.scan(fifo) == [] and synclog.count_lines(fifo) == 0
     assert synclog.file_kind(fifo) == "a FIFO"
+
+
+def test_journal_directories_are_the_machine_id_directories_of_existing_bases(tmp_path):
+    machine = "0123456789abcdef0123456789abcdef"
+    (tmp_path / "machine-id").write_text(machine + "\n")
+    (tmp_path / "run").mkdir()
+    bases = (str(tmp_path / "run"), str(tmp_path / "var"))   # volatile storage only
+    assert cyruslog.journal_directories(bases, str(tmp_path / "machine-id")) == [tmp_path / "run" / machine]
+    (tmp_path / "machine-id").write_text("uninitialized\n")
+    assert cyruslog.journal_directories(bases, str(tmp_path / "machine-id")) == []

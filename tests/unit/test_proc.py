@@ -73,3 +73,34 @@ def test_loop_wakes_for_threads_readers_and_signals():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert loop.poll(60) == [signal.SIGUSR1]
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # restored on close
+
+
+def test_wait_gone_returns_once_they_exited_and_names_the_survivors():
+    quick = subprocess.Popen(["true"])
+    slow = subprocess.Popen(["sleep", "60"])
+    try:
+        assert proc.wait_gone([quick.pid], 60) == []   # a zombie counts as gone: nobody reaped it
+        assert proc.wait_gone([quick.pid, slow.pid], 0.2) == [slow.pid]
+        assert quick.poll() is not None
+        slow.kill()
+        assert proc.wait_gone([slow.pid], 60) == []
+    finally:
+        slow.kill()
+        slow.wait()
+    assert proc.wait_gone([slow.pid], 60) == []  # reaped, even the PID is gone
+
+
+def test_exits_wakes_the_loop_when_a_member_exits_and_refuses_non_members():
+    child = start("obey")
+    session = child.pid
+    grandchild = next(p for p in proc.session_members(session) if p != child.pid)
+    with proc.Loop() as loop:
+        exits = proc.Exits(loop, session)
+        assert exits.track([child.pid, grandchild]) and exits.complete
+        assert not exits.track([os.getpid()])      # not a member of that session
+        child.send_signal(signal.SIGTERM)
+        loop.poll(60)                              # woken by the exit: no timer involved
+        child.wait()
+        assert not exits.track([child.pid])        # gone: the caller must list again
+        exits.close()
+    proc.kill_session(session)
