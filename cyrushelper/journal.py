@@ -2,26 +2,32 @@
 else plain lines on stderr (which systemd also captures). systemd-python is the optional extra
 `cyrushelper[journal]`: with it every entry carries CYRUS_INSTANCE=<instance>, and a line about one
 sync log channel SYNC_CHANNEL=<channel> (`log.info(..., extra=channel_field(label))`), so that
-`journalctl CYRUS_INSTANCE=primary SYNC_CHANNEL=repl2` finds them.
+`journalctl CYRUS_INSTANCE=primary SYNC_CHANNEL=repl2` finds them. It is imported only under
+systemd, where it is used: a command run from a terminal does not pay its ~8 ms of import.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import logging.handlers
 import os
 import sys
 
-try:  # optional: needs libsystemd-dev to build
-    from systemd.journal import JournalHandler as _JournalHandler
-except ImportError:  # pragma: no cover - depends on the environment
-    _JournalHandler = None
-
 _use_stderr = True
 
 
+def _journal_handler_class():
+    """systemd-python's JournalHandler, None without the extra. Imported on first use, not with
+    this module (an optional dependency, not a cycle: see tests/unit/test_structure.py)."""
+    try:
+        return importlib.import_module("systemd.journal").JournalHandler
+    except ImportError:
+        return None
+
+
 def journal_available() -> bool:
-    return _JournalHandler is not None
+    return _journal_handler_class() is not None
 
 
 def channel_field(label: str) -> dict[str, str]:
@@ -46,8 +52,9 @@ def setup_logging(verbose: bool = False, instance: str | None = None) -> None:
     root.propagate = False
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     under_systemd = bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
-    if under_systemd and _JournalHandler is not None:
-        handler = _JournalHandler(SYSLOG_IDENTIFIER="cyrushelper")
+    journal_handler = _journal_handler_class() if under_systemd else None
+    if journal_handler is not None:
+        handler = journal_handler(SYSLOG_IDENTIFIER="cyrushelper")
         handler.setFormatter(logging.Formatter("%(message)s"))
         _use_stderr = False
     else:
