@@ -10,12 +10,25 @@ replica (what a replica promoted at that moment would not have). Both contestant
 invocation, alternating, so the table compares them on the same machine state.
 
     python benchmarks/bench_stop.py [--trials 3] [--warmup 300]
+    python benchmarks/bench_stop.py --overhead [--trials 10] [--release trixie]
+
+--overhead (issue 11): what our stop costs on top of what Cyrus itself needs. Each trial boots a
+fresh container with the lab pair (no rolling sync_client: each stop drains exactly the lines of
+--deliveries messages) plus a DAEMON child that takes 0.2 s to finish after SIGTERM, and stops the
+primary three times, each after the same number of deliveries:
+  bare   `systemctl stop` of a plain unit running master alone (KillMode=mixed), then a bare
+         `sync_client -R -1` loop until the sync log is gone: what Cyrus needs;
+  ours   `systemctl stop cyrus@primary` (fence, one SIGTERM, the drain in ExecStopPost);
+  hang   the same while clients keep connecting from the fence on (testbed/observe.py knock):
+         master < 3.12 then hangs after its last child (#5309) and is SIGKILLed alone.
+overhead = ours - (bare stop + bare drain), per trial; the goal is <= 0.5 s in every trial.
 Needs root, Cyrus and systemd-container (scripts/bootstrap.sh installs them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -23,7 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import add_entry, helper_command  # noqa: E402
+from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
+from testbed.observe import Observer  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 CONTESTANTS = ("cyrushelper", "stock", "replica")
@@ -62,13 +78,106 @@ def trial(kind: str, warmup: int) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+PRIMARY, REPLICA, BARE = "cyrus@primary.service", "cyrus@replica.service", "cyrus-lab-primary.service"
+SLOW_EXIT = """#!/bin/sh
+# a Cyrus DAEMON child that needs 0.2 s to finish after SIGTERM, as a child completing its work
+trap 'sleep 0.2; exit 0' TERM
+while :; do sleep 60 & wait $!; done
+"""
+BARE_DRAIN = ("import json, sys; from testbed.pair import CyrusPair\n"
+              "r = CyrusPair(sys.argv[1], port_base=int(sys.argv[2])).drain_with_sync_client()\n"
+              "print(json.dumps({'seconds': r.seconds, 'complete': r.complete}))\n")
+
+
+def overhead_trial(args) -> dict:
+    workdir = new_workdir("bench-overhead")
+    try:
+        with SystemdContainer(workdir, root=images.container_root(args.release)) as box:
+            lab = LabSystem(box, workdir, rolling=False)
+            lab.helper = helper_command(workdir, args.release) or lab.helper
+            lab.create()
+            slow = workdir / "slow-exit"
+            slow.write_text(SLOW_EXIT)
+            slow.chmod(0o755)
+            add_entry(lab, "DAEMON", "slowexit", str(slow))
+            lab.install_cyrushelper_units()
+            for name, text in lab.pair.plain_unit_texts().items():
+                if name == BARE:
+                    box.run("sh", "-c", f"cat > /etc/systemd/system/{name}", input=text)
+            box.systemctl("daemon-reload")
+            lab.start(REPLICA)
+
+            lab.start(BARE)
+            lab.deliver(args.deliveries, tag="bare")
+            bare = lab.stop(BARE)
+            r = box.run(box.python, "-c", BARE_DRAIN, str(lab.pair.root), str(lab.pair.port_base),
+                        env=box.python_env, timeout=300)
+            drain = json.loads(r.stdout)
+            if bare.result != "success" or not drain["complete"]:
+                raise RuntimeError(f"bare stop {bare} / drain {drain}")
+            result = {"bare_stop_s": bare.seconds, "bare_drain_s": drain["seconds"]}
+            baseline = bare.seconds + drain["seconds"]
+
+            for kind in ("ours", "hang"):
+                lab.start(PRIMARY)
+                lab.deliver(args.deliveries, tag=kind)
+                knocker = None
+                if kind == "hang":
+                    knocker = Observer(box, workdir / "knock.jsonl", "--knock",
+                                       f"127.0.0.1:{lab.pair.ports.primary_imap}",
+                                       "--after", str(lab.instance().fence_file), "--seconds", "3")
+                    knocker.wait_started()
+                stop = lab.stop(PRIMARY)
+                if knocker is not None:
+                    knocker.stop()
+                last = lab.state_file("last-stop.json") or {}
+                if stop.result != "success" or stop.total_left:
+                    raise RuntimeError(f"{kind}: {stop}\n{lab.journal(PRIMARY)[-3000:]}")
+                result[f"{kind}_s"] = stop.seconds
+                result[f"{kind}_overhead_s"] = stop.seconds - baseline
+                result[f"{kind}_master_killed_alone"] = bool(last.get("master_hung_after_children"))
+                if "master_after_last_child" in last:
+                    result[f"{kind}_master_after_last_child_ms"] = last["master_after_last_child"] * 1000
+            return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def overhead(args) -> int:
+    runs = []
+    for i in range(args.trials):
+        r = overhead_trial(args)
+        runs.append(r)
+        print(f"trial {i + 1}: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in r.items()), flush=True)
+    print(f"\n{args.trials} trials, {args.release}, {args.deliveries} deliveries before each stop\n")
+    print("| figure | median | min | max |")
+    print("|---|---|---|---|")
+    for key in dict.fromkeys(k for r in runs for k in r):
+        values = [r[key] for r in runs if key in r]
+        if isinstance(values[0], bool):
+            print(f"| {key} | {sum(values)} of {len(values)} | | |")
+        else:
+            print(f"| {key} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
+    worst = max(max(r["ours_overhead_s"], r["hang_overhead_s"]) for r in runs)
+    print(f"\nworst overhead {worst:.3f} s (goal <= 0.5 s in every trial: {'ok' if worst <= 0.5 else 'MISSED'})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=300, help="acknowledged messages before the stop")
     parser.add_argument("--only", choices=CONTESTANTS, action="append",
                         help="run only this contestant (repeatable; default: all)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="measure the stop's overhead over a bare master stop and a bare drain instead")
+    parser.add_argument("--deliveries", type=int, default=100, help="with --overhead: messages before each stop")
+    parser.add_argument("--release", default=images.host_release(), choices=sorted(images.RELEASES),
+                        help="with --overhead: the Debian release (Cyrus version) of the container")
     args = parser.parse_args()
+    if args.overhead:
+        return overhead(args)
     chosen = [k for k in CONTESTANTS if not args.only or k in args.only]
     runs: dict[str, list[dict]] = {k: [] for k in chosen}
     for i in range(args.trials):

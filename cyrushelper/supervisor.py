@@ -168,7 +168,7 @@ class StartRefused(Exception):
 class Options:
     start_timeout: float = 120.0
     stop_timeout: float = 30.0
-    master_alone_grace: float = 0.2
+    master_alone_grace: float = 0.1
     status_interval: float = 0.5
     extend_interval: float = 5.0
     reconcile: str = "recommend"
@@ -640,8 +640,11 @@ class Supervisor:
                 exited = self.master_exit()
                 left = self.session_left()
                 if exited is not None and not left:
-                    return {"result": "clean", "seconds": round(time.monotonic() - t0, 3),
-                            "master_exit": list(exited)}
+                    result = {"result": "clean", "seconds": round(time.monotonic() - t0, 3),
+                              "master_exit": list(exited)}
+                    if alone_since is not None:  # what a master's grace is measured against
+                        result["master_after_last_child"] = round(time.monotonic() - alone_since, 4)
+                    return result
                 if not exits.track(left):
                     continue  # one of them exited while we listed them: list again
                 now = time.monotonic()
@@ -836,7 +839,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="when every child has exited but master has not reaped them after this long "
                              "(the shutdown hang of Cyrus before 3.12.0/3.10.2/3.8.6, cyrus-imapd #5309), "
                              "SIGKILL master alone; the stop stays clean because no child was cut short "
-                             f"(default {d.master_alone_grace:g}; master exits 5-16 ms after its last child)")
+                             f"(default {d.master_alone_grace:g}; a master without the hang exits within "
+                             "milliseconds of its last child and reaps at once)")
     parser.add_argument("--status-interval", type=arguments.seconds, default=d.status_interval, metavar="SECONDS",
                         help="STATUS= shows the backlog once the sync logs were not written for "
                              f"{STATUS_SETTLE * 1000:.0f} ms, and at least every SECONDS while they keep "

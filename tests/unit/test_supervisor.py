@@ -304,6 +304,7 @@ def test_a_master_that_reaps_its_children_exits_on_its_own(fake, notify, helpers
     assert h.wait(timeout=120) == exitcodes.OK, h.output
     stop = last_stop(fake)
     assert stop["master_exit"] == [0, None] and "master_hung_after_children" not in stop
+    assert stop["master_after_last_child"] > 0   # recorded: what the grace is measured against
     assert fake.count("master exit 0") == 1
 
 
