@@ -23,16 +23,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from testbed.container import SystemdContainer  # noqa: E402
+from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 CONTESTANTS = ("cyrushelper", "stock")
 
 
-def trial(kind: str, warmup: int) -> dict:
+def trial(kind: str, warmup: int, house: Wheelhouse) -> dict:
     workdir = new_workdir(f"bench-{kind}")
     try:
         with SystemdContainer(workdir) as box:
-            lab = LabSystem(box, workdir, rolling=True).create()
+            lab = LabSystem(box, workdir, wheelhouse=house, rolling=True).create()
             lab.install_cyrushelper_units()
             if kind == "cyrushelper":
                 unit = "cyrus@primary.service"
@@ -57,9 +58,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=300, help="acknowledged messages before the stop")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {k: [] for k in CONTESTANTS}
+    scratch = new_workdir("bench-wheel")
+    house = build_wheelhouse(scratch / "build")   # the product as users install it
     for i in range(args.trials):
         for kind in CONTESTANTS if i % 2 == 0 else reversed(CONTESTANTS):
-            r = trial(kind, args.warmup)
+            r = trial(kind, args.warmup, house)
             runs[kind].append(r)
             print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s result={r['result']} "
                   f"lines_left={r['lines_left']} acknowledged={r['acknowledged']} missing={r['missing']} "
@@ -81,6 +84,7 @@ def main() -> int:
     ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
     stock = statistics.median(r["seconds"] for r in runs["stock"])
     print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
+    shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

@@ -191,3 +191,14 @@ def systemd_container(tmp_path):
         except Exception as e:  # the container may be what the test broke
             journal = f"(no journal: {e})"
         print(f"--- container journal (boot {box.boot_seconds:.2f}s) ---\n{journal}")
+
+
+# ---- the product as users install it (testbed/product.py) ----
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory):
+    """The wheel of this checkout plus every dependency's wheel, built once per session on the host
+    (containers have no network); LabSystem installs it into a fresh venv under /opt per container."""
+    require_root_and_cyrus()
+    from testbed.product import build_wheelhouse
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
