@@ -202,3 +202,30 @@ def wheelhouse(tmp_path_factory):
     require_root_and_cyrus()
     from testbed.product import build_wheelhouse
     return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture
+def lab_factory(request, wheelhouse):
+    """make(rolling=True, ...) -> a testbed.scenario.LabSystem (pair created, cyrushelper installed
+    from the wheel into /opt/cyrushelper) in a freshly booted container."""
+    require_root_and_cyrus()
+    require_container_host()
+    made = []
+
+    from testbed.scenario import LabSystem, new_workdir
+
+    def make(rolling: bool = True, **kwargs) -> "LabSystem":
+        workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
+        container = SystemdContainer(workdir).__enter__()
+        made.append((workdir, container))
+        return LabSystem(container, workdir, wheelhouse=wheelhouse, rolling=rolling, **kwargs).create()
+
+    yield make
+    for workdir, container in made:
+        try:
+            print(f"--- journal of {workdir} ---\n{container.journal()[-15000:]}")
+        except Exception as e:  # the container may be what broke
+            print(f"(no journal: {e})")
+        container.__exit__(None, None, None)
+        if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -16,47 +16,18 @@ What the product promises an operator:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 
 import pytest
 
 from cyrushelper import exitcodes
-from testbed.container import SystemdContainer
 from testbed.relay import read_record
-from testbed.scenario import LabSystem, new_workdir
-from tests.conftest import require_container_host, require_root_and_cyrus
+from testbed.scenario import LabSystem
 
 pytestmark = pytest.mark.system
 
 PRIMARY = "cyrus@primary.service"
 REPLICA = "cyrus@replica.service"
-
-
-@pytest.fixture
-def lab_factory(request, wheelhouse):
-    """make(rolling=True, ...) -> a LabSystem (pair created, cyrushelper installed from the wheel
-    into /opt/cyrushelper) in a freshly booted container."""
-    require_root_and_cyrus()
-    require_container_host()
-    made = []
-
-    def make(rolling: bool = True, **kwargs) -> LabSystem:
-        workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
-        container = SystemdContainer(workdir).__enter__()
-        made.append((workdir, container))
-        return LabSystem(container, workdir, wheelhouse=wheelhouse, rolling=rolling, **kwargs).create()
-
-    yield make
-    for workdir, container in made:
-        try:
-            print(f"--- journal of {workdir} ---\n{container.journal()[-15000:]}")
-        except Exception as e:  # the container may be what broke
-            print(f"(no journal: {e})")
-        container.__exit__(None, None, None)
-        if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _started(lab: LabSystem, **kwargs) -> LabSystem:
