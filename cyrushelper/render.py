@@ -93,7 +93,11 @@ def default_helper() -> str:
 
 def load_templates(override: str | None = None) -> dict[str, str]:
     """name -> text of every template: from --templates DIR, else the installed package data."""
-    source = Path(override) if override else resources.files(TEMPLATE_PACKAGE)
+    try:
+        source = Path(override) if override else resources.files(TEMPLATE_PACKAGE)
+    except ModuleNotFoundError:   # e.g. `python -m cyrushelper` in a checkout shadowing the install
+        raise ConfigError(f"package {TEMPLATE_PACKAGE}", None, "not installed: install cyrushelper "
+                          "(pip install .) and run it from outside the source tree, or give --templates DIR") from None
     texts = {}
     for name in TEMPLATES:
         try:

@@ -87,17 +87,12 @@ def build_wheelhouse(scratch: Path) -> Wheelhouse:
     return Wheelhouse(directory, source, built.stdout + built.stderr)
 
 
-def install(container, house_inside: str | Path, venv: str = PRODUCT_VENV, *,
-            requirement: str = "cyrushelper", cwd_source: str | None = None) -> str:
+def install(container, house_inside: str | Path, venv: str = PRODUCT_VENV) -> str:
     """`python3 -m venv VENV && VENV/bin/pip install cyrushelper` inside `container`, offline from the
     wheelhouse at `house_inside` (a path the container sees). Returns VENV/bin/cyrushelper."""
     container.run(SYSTEM_PYTHON, "-m", "venv", venv, timeout=120)
-    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(house_inside), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    cmd = [f"{venv}/bin/pip", "install", "-q", requirement]
-    if cwd_source is not None:   # `pip install .` in a checkout, as the README says
-        container.run("sh", "-c", 'cd "$1" && shift && exec "$@"', "_", cwd_source, *cmd, env=env, timeout=300)
-    else:
-        container.run(*cmd, env=env, timeout=300)
+    container.run(f"{venv}/bin/pip", "install", "-q", "cyrushelper", timeout=300,
+                  env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(house_inside), "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     return f"{venv}/bin/cyrushelper"
 
 

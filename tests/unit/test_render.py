@@ -342,3 +342,11 @@ systemd-analyze verify --man=no --generators=no --root=$L/m ./cyrus@default.serv
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out
+
+
+def test_missing_template_package_is_a_clear_config_error(monkeypatch):
+    def not_installed(name):
+        raise ModuleNotFoundError(name)
+    monkeypatch.setattr(render.resources, "files", not_installed)
+    with pytest.raises(render.ConfigError, match="not installed"):
+        render.load_templates()
