@@ -1,7 +1,8 @@
 """Atomic file writes: a reader (or systemd, or a crash) sees the old file or the new one, never half.
 
 The text goes to a temporary file in the same directory, is fsynced, renamed over the target, and
-the directory is fsynced so the rename itself survives a power cut.
+the directory is fsynced so the rename itself survives a power cut. Files that root writes where
+Cyrus (running as cyrus_user) must use them too are handed to the owner of a reference path.
 """
 
 from __future__ import annotations
@@ -55,3 +56,10 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def give_to_owner_of(path: os.PathLike | str, reference: os.PathLike | str) -> None:
+    """As root, chown `path` like `reference`, so a later run as the cyrus user can use it too."""
+    if os.geteuid() == 0:
+        st = os.stat(reference)
+        os.chown(path, st.st_uid, st.st_gid)

@@ -1,7 +1,8 @@
 """Command line: `cyrushelper SUBCOMMAND …` (also `python -m cyrushelper`).
 
-Each subcommand's work lives in its own module; this file only parses arguments, loads the
-configuration and maps errors to the documented exit codes (cyrushelper/exitcodes.py).
+Each subcommand's work lives in its own module (add_arguments(parser, name) and main(args));
+this file only builds the parser, sets up logging and maps errors to the documented exit codes
+(cyrushelper/exitcodes.py). Nothing imports this module back: shared options are in arguments.py.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import importlib
 import logging
 import sys
 
-from cyrushelper import __version__, exitcodes
-from cyrushelper.config import DEFAULT_CYRUS_CONF, DEFAULT_IMAPD_CONF, ConfigError
+from cyrushelper import __version__, exitcodes, journal
+from cyrushelper.config import ConfigError
 
 log = logging.getLogger("cyrushelper")
 
@@ -27,15 +28,6 @@ SUBCOMMANDS = {
     "watch": ("cyrushelper.status", "follow the replication backlog live (inotify)"),
     "switchover": ("cyrushelper.switchover", "soft failover: drain the primary, prove the replica caught up"),
 }
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--imapd-conf", "-C", default=str(DEFAULT_IMAPD_CONF), metavar="PATH",
-                        help=f"the instance's imapd.conf (default {DEFAULT_IMAPD_CONF})")
-    parser.add_argument("--cyrus-conf", "-M", default=str(DEFAULT_CYRUS_CONF), metavar="PATH",
-                        help=f"the instance's cyrus.conf (default {DEFAULT_CYRUS_CONF})")
-    parser.add_argument("--instance", default="default", metavar="NAME",
-                        help="instance name (the %%i of cyrus@NAME.service)")
 
 
 def build_parser(load: set[str] | None = None) -> argparse.ArgumentParser:
@@ -75,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(load={chosen} if chosen in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
-    from cyrushelper import journal
-    journal.setup_logging(verbose=args.verbose)
+    journal.setup_logging(verbose=args.verbose, instance=getattr(args, "instance", None))
     if not args.command:
         parser.print_help()
         return exitcodes.USAGE

@@ -20,10 +20,6 @@ from pathlib import Path
 DEFAULT_IMAPD_CONF = Path("/etc/imapd.conf")
 DEFAULT_CYRUS_CONF = Path("/etc/cyrus.conf")
 
-# Where distributions install the Cyrus service binaries (Debian, Fedora/RHEL, upstream default).
-CYRUS_BIN_DIRS = ("/usr/lib/cyrus/bin", "/usr/libexec/cyrus-imapd", "/usr/lib/cyrus-imapd",
-                  "/usr/local/libexec/cyrus-imapd")
-
 SECTIONS = ("START", "SERVICES", "EVENTS", "DAEMON")
 
 # Cyrus's Uisspace(): C isspace() in the C locale. Python's str.strip() would also eat \x85, \xa0 …
@@ -53,17 +49,6 @@ def parse_switch(value: str) -> bool | None:
     return None
 
 
-def cyrus_bin_dir() -> Path:
-    """The directory holding master, sync_client … ($CYRUSHELPER_CYRUS_BINDIR overrides)."""
-    override = os.environ.get("CYRUSHELPER_CYRUS_BINDIR")
-    if override:
-        return Path(override)
-    for candidate in CYRUS_BIN_DIRS:
-        if os.path.isfile(os.path.join(candidate, "master")):
-            return Path(candidate)
-    return Path(CYRUS_BIN_DIRS[0])
-
-
 def _read_lines(path: str, site: tuple[str, int | None] | None = None) -> list[str]:
     """The file's lines split at '\\n' as fgets() sees them (the last item is what follows the last
     newline). `site` is the (file, line) that named this file, for the error message."""
@@ -90,6 +75,16 @@ class Option:
     value: str
     path: str
     line: int
+
+
+@dataclass(frozen=True)
+class SourcedPath:
+    """A path the configuration yields, with the option it comes from (for messages that point the
+    operator at the right line). `option` is None for a path Cyrus derives from configdirectory."""
+
+    path: Path
+    option: str | None
+    where: tuple[str, int | None]
 
 
 @dataclass(frozen=True)
@@ -299,31 +294,41 @@ class ImapdConf:
             raise ConfigError(*self.where(key), f"{key} must be an absolute path, got {value!r}{hint}")
         return Path(value)
 
+    def sourced_path(self, key: str, default: str | None = None) -> SourcedPath | None:
+        """get_path() with where the value comes from: the option's line, or for an unset option
+        Cyrus's default (derived from configdirectory: that line)."""
+        path = self.get_path(key, default)
+        if path is None:
+            return None
+        if key.lower() in self.options:
+            return SourcedPath(path, key, self.where(key))
+        return SourcedPath(path, None, self.where("configdirectory"))
+
     @property
-    def writable_paths(self) -> list[Path]:
+    def writable_paths(self) -> list[SourcedPath]:
         """Every directory a running instance writes to (for the unit's ReadWritePaths=), in a
-        stable order without duplicates. Directories only: for a socket, database or pid file its
-        parent. Paths inside another listed one are kept (the unit may have to create them)."""
-        paths = [self.configdirectory]
-        paths += [self._partition_path(k) for k in self.options if _PARTITION_KEY_RE.fullmatch(k)]
+        stable order without duplicate paths, each with its origin. Directories only: for a socket,
+        database or pid file its parent. Paths inside another listed one are kept (the unit may have
+        to create them)."""
+        found = [SourcedPath(self.configdirectory, "configdirectory", self.where("configdirectory"))]
+        found += [SourcedPath(self._partition_path(k), k, self.where(k))
+                  for k in self.options if _PARTITION_KEY_RE.fullmatch(k)]
         for key, default in _WRITABLE_DIRS.items():
-            path = self.get_path(key, default)
-            if path is not None:
-                paths.append(path)
-        for key, default in _WRITABLE_FILES.items():
-            path = self.get_path(key, default)
-            if path is not None:
-                paths.append(path.parent)
-        for key in self.options:
-            if key.endswith("_db_path"):  # mboxlist, quota, duplicate, tls_sessions …: databases
-                paths.append(self.get_path(key).parent)
+            found.append(self.sourced_path(key, default))
+        file_keys = list(_WRITABLE_FILES.items())
+        file_keys += [(k, None) for k in self.options if k.endswith("_db_path")]  # mboxlist, quota …
+        for key, default in file_keys:
+            item = self.sourced_path(key, default)
+            if item is not None:
+                found.append(SourcedPath(item.path.parent, item.option, item.where))
         for channel in self.channels:  # sync_client deletes the shutdown file it found
             if channel.shutdown_file is not None:
-                paths.append(channel.shutdown_file.parent)
-        unique: list[Path] = []
-        for p in paths:
-            if p not in unique:
-                unique.append(p)
+                key = self._channel_key(channel.name, "sync_shutdown_file")
+                found.append(SourcedPath(channel.shutdown_file.parent, key, self.where(key)))
+        unique: list[SourcedPath] = []
+        for item in found:
+            if item is not None and all(u.path != item.path for u in unique):
+                unique.append(item)
         return unique
 
 
@@ -533,34 +538,29 @@ class Entry:
         return [w for w in _CMD_SPLIT_RE.split(self.args.get("cmd", "")) if w]
 
     @property
-    def program(self) -> str:
-        """The Cyrus program run: Debian's `/usr/sbin/cyrus X` wrapper counts as X."""
+    def argv(self) -> list[str]:
+        """The Cyrus program's argv: Debian's `/usr/sbin/cyrus X …` wrapper is skipped."""
         words = self.cmd
-        if not words:
-            return ""
-        prog = os.path.basename(words[0])
-        if prog == "cyrus" and len(words) > 1:
-            prog = os.path.basename(words[1])
-        return prog
+        if len(words) > 1 and os.path.basename(words[0]) == "cyrus":
+            return words[1:]
+        return words
 
-    def _option(self, flag: str) -> str | None:
-        words = self.cmd
-        for i, w in enumerate(words[1:], 1):
-            if w == flag and i + 1 < len(words):
-                return words[i + 1]
-            if w.startswith(flag) and len(w) > 2:
-                return w[2:]
-        return None
+    @property
+    def program(self) -> str:
+        """The Cyrus program run (basename): `/usr/sbin/cyrus X` counts as X."""
+        argv = self.argv
+        return os.path.basename(argv[0]) if argv else ""
 
     @property
     def config_path(self) -> Path | None:
-        value = self._option("-C")
-        return Path(value) if value is not None else None
-
-    @property
-    def channel(self) -> str | None:
-        """`-n CHANNEL` of a sync_client command, None for the default channel."""
-        return self._option("-n")
+        """`-C FILE` (or `-CFILE`): every Cyrus program takes it, whatever its other options."""
+        words = self.argv
+        for i, w in enumerate(words[1:], 1):
+            if w == "-C" and i + 1 < len(words):
+                return Path(words[i + 1])
+            if w.startswith("-C") and len(w) > 2:
+                return Path(w[2:])
+        return None
 
     @property
     def listen(self) -> Listen | None:
@@ -827,13 +827,6 @@ class Instance:
             elif cp is not None and os.path.realpath(cp) != mine:
                 self.warnings.append(f"{e.path}:{e.line}: {e.section} entry {e.name!r} uses -C {cp}, "
                                      f"not {self.imapd.path}")
-        if not self.imapd.sync_log:
-            return
-        channels = [c.name for c in self.imapd.channels]
-        for e in self.cyrus.sync_clients:
-            if e.channel not in channels:
-                self.warnings.append(f"{e.path}:{e.line}: sync_client entry {e.name!r} reads channel "
-                                     f"{e.channel or 'default'!r}, which sync_log_channels does not write")
 
     # -- facts the stop path needs
     @property

@@ -43,9 +43,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cyrushelper import exitcodes, proc, state, synclog
-from cyrushelper.config import Channel, ConfigError, Instance, cyrus_bin_dir
-from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path, give_to_owner_of
+from cyrushelper import arguments, cyrus, exitcodes, proc, state, synclog
+from cyrushelper.atomic import give_to_owner_of
+from cyrushelper.channels import find_sync_readers, not_replicated_reason, select_channels
+from cyrushelper.config import Channel, Instance
+from cyrushelper.journal import channel_field
+from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
 
 log = logging.getLogger("cyrushelper.drain")
@@ -63,8 +66,6 @@ STATUS_INTERVAL = 0.5
 # TimeoutStopSec becomes the backstop, and stop waiting for the thread a little later.
 OVERDUE_MARGIN = 10.0
 OUTPUT_LINES_KEPT = 50         # of one sync_client run, for messages
-# sync_client getopt string (imap/sync_client.c, 3.6): options followed by ':' take a value
-_SYNC_CLIENT_OPTS = "C:vlLS:F:f:w:t:d:n:rRNumsozOAp:1"
 
 # what a channel ended as -> exit code; with several channels failing, the first of
 # PRECEDENCE present is the command's exit code
@@ -125,114 +126,6 @@ class DrainReport:
         return data
 
 
-# --------------------------------------------------------------------------- which channels
-
-def squatter_channels(instance: Instance) -> set[str]:
-    """Channels a rolling squatter consumes (`squatter -R [-n CHAN]`, default channel "squatter")."""
-    names = {"squatter"}
-    for entry in instance.cyrus.by_program("squatter"):
-        if entry.channel:
-            names.add(entry.channel)
-    return names
-
-
-def not_replicated_reason(instance: Instance, channel: Channel) -> str | None:
-    """Why sync_client must not read this channel, or None if it is a replication channel."""
-    if channel.name is not None and channel.name in squatter_channels(instance) \
-            and not instance.imapd.get(f"{channel.name}_sync_host"):
-        return "read by squatter, not by sync_client"
-    return None
-
-
-def select_channels(instance: Instance, wanted: list[str] | None) -> list[Channel]:
-    """Every channel of sync_log_channels (even with sync_log off: old files still count)."""
-    channels = instance.imapd.channels
-    if not wanted:
-        return channels
-    by_label = {c.label: c for c in channels}
-    chosen = []
-    for name in wanted:
-        ch = by_label.get("default" if name in ('""', "") else name)
-        if ch is None:
-            path, line = instance.imapd.where("sync_log_channels")
-            raise ConfigError(path, line, f"no channel {name!r} in sync_log_channels "
-                                          f"(have: {', '.join(by_label)})")
-        if ch not in chosen:
-            chosen.append(ch)
-    return chosen
-
-
-# --------------------------------------------------------------------------- other readers
-
-def _parse_sync_client_argv(argv: list[str]) -> dict[str, str | bool] | None:
-    """getopt(3) over sync_client's option string; None if the words are not options it takes.
-
-    argv[0] is the sync_client word; the options follow it.
-    """
-    opts: dict[str, str | bool] = {}
-    i = 1
-    while i < len(argv):
-        word = argv[i]
-        if word == "--" or not word.startswith("-") or word == "-":
-            break
-        j = 1
-        while j < len(word):
-            letter = word[j]
-            k = _SYNC_CLIENT_OPTS.find(letter)
-            if k < 0 or letter == ":":
-                return None
-            if _SYNC_CLIENT_OPTS[k + 1:k + 2] == ":":
-                value = word[j + 1:]
-                if not value:
-                    i += 1
-                    if i >= len(argv):
-                        return None
-                    value = argv[i]
-                opts[letter] = value
-                break
-            opts[letter] = True
-            j += 1
-        i += 1
-    return opts
-
-
-def find_sync_readers(imapd_conf: os.PathLike | str, channel: str | None,
-                      exclude: set[int] = frozenset()) -> list[tuple[int, str]]:
-    """Live `sync_client -r/-R` processes (without -f) reading this config's `channel`.
-
-    They replay and unlink `log-run` without any lock, so a drain must not run beside them.
-    Best effort: processes in other PID namespaces are invisible.
-    """
-    mine = os.path.realpath(imapd_conf)
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        if pid in exclude or pid == os.getpid():
-            continue
-        argv = proc.cmdline(pid)
-        # the first word naming sync_client: also catches wrappers (`cyrus sync_client …`,
-        # `flock F sync_client …`, an interpreter running a script called sync_client)
-        start = next((i for i, w in enumerate(argv) if os.path.basename(w) == "sync_client"), None)
-        if start is None:
-            continue
-        opts = _parse_sync_client_argv(argv[start:])
-        if opts is None or not (opts.get("r") or opts.get("R")) or opts.get("f"):
-            continue
-        if opts.get("n") != channel and not (channel is None and opts.get("n") is None):
-            continue
-        conf = str(opts.get("C") or "/etc/imapd.conf")
-        if not os.path.isabs(conf):
-            try:
-                conf = os.path.join(os.readlink(f"/proc/{pid}/cwd"), conf)
-            except OSError:
-                continue
-        if os.path.realpath(conf) == mine:
-            found.append((pid, " ".join(argv)))
-    return found
-
-
 # --------------------------------------------------------------------------- files
 
 def adopt_legacy_log(channel: Channel) -> Path | None:
@@ -286,36 +179,18 @@ class RunOutcome:
         return " | ".join(line for line in self.output[-n:] if line) or "(no output)"
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group, SIGKILL it if still there after KILL_GRACE."""
-    # only this thread reaps proc, so while poll() is None its PID (= group id) is still ours
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=KILL_GRACE)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
-
-
 def run_sync_client(cmd: list[str], timeout: float, stop: threading.Event,
                     pass_fds: tuple[int, ...] = ()) -> RunOutcome:
     """Run one sync_client in its own session (NOTIFY_SOCKET stripped) under our own timeout."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=strip_notify_env(dict(os.environ)),
-                            start_new_session=True, pass_fds=pass_fds)
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, env=strip_notify_env(dict(os.environ)),
+                             start_new_session=True, pass_fds=pass_fds)
     output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
     wake = threading.Event()
     flags = {"unreachable": False, "eof": False}
 
     def read_output():
-        for raw in proc.stdout:
+        for raw in child.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             output.append(line)
             if UNREACHABLE_MARKER in line:
@@ -333,7 +208,7 @@ def run_sync_client(cmd: list[str], timeout: float, stop: threading.Event,
             if flags["unreachable"]:
                 how = "unreachable"
                 break
-            if flags["eof"] or proc.poll() is not None:
+            if flags["eof"] or child.poll() is not None:
                 break
             if stop.is_set():
                 how = "interrupted"
@@ -347,11 +222,11 @@ def run_sync_client(cmd: list[str], timeout: float, stop: threading.Event,
             wake.clear()
     finally:
         if how != "exited":
-            _kill_group(proc)
-        proc.wait()
+            proc.terminate(child, KILL_GRACE)
+        child.wait()
         reader.join(timeout=1.0)
-        proc.stdout.close()
-    return RunOutcome(how, proc.returncode, list(output))
+        child.stdout.close()
+    return RunOutcome(how, child.returncode, list(output))
 
 
 # --------------------------------------------------------------------------- one channel
@@ -512,15 +387,16 @@ def _status_line(channels: list[Channel]) -> str:
 def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeout: float | None = None,
           progress=None, channels: list[str] | None = None, bindir: os.PathLike | str | None = None,
           lock_wait: float = DEFAULT_LOCK_WAIT, stop: threading.Event | None = None,
-          service: dict | None = None, record: bool = True) -> DrainReport:
+          service: dict | None = None, record: bool = True, loop: proc.Loop | None = None) -> DrainReport:
     """Drain every channel (in parallel, one thread each) within `deadline` seconds.
 
     `progress(status_text)` is called every STATUS_INTERVAL while work remains (e.g. a
-    notify.Pulse: STATUS= plus EXTEND_TIMEOUT_USEC=). `stop` (an Event) interrupts early.
+    notify.Pulse: STATUS= plus EXTEND_TIMEOUT_USEC=). `stop` (an Event) interrupts early, and so
+    does any signal that `loop` (a proc.Loop handling e.g. SIGTERM) receives meanwhile.
     Raises ConfigError for a channel name not in sync_log_channels.
     """
     chosen = select_channels(instance, channels)
-    sync_client = Path(bindir or cyrus_bin_dir()) / "sync_client"
+    sync_client = Path(bindir) / "sync_client" if bindir else cyrus.program("sync_client")
     stop = stop or threading.Event()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.monotonic()
@@ -532,8 +408,14 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
                 for ch in chosen]
     results: list[ChannelResult | None] = [None] * len(drainers)
 
+    own_loop = loop is None
+    loop = loop or proc.Loop()
+
     def work(i: int) -> None:
-        results[i] = drainers[i].run()
+        try:
+            results[i] = drainers[i].run()
+        finally:
+            loop.wake()
 
     threads = [threading.Thread(target=work, args=(i,), name=f"drain-{d.channel.label}", daemon=True)
                for i, d in enumerate(drainers)]
@@ -541,7 +423,7 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
         t.start()
     last_status = None
     overdue_at = end + 3 * KILL_GRACE + OVERDUE_MARGIN
-    while alive := [t for t in threads if t.is_alive()]:
+    while [t for t in threads if t.is_alive()]:
         now = time.monotonic()
         if now > overdue_at + OVERDUE_MARGIN:
             break
@@ -554,7 +436,10 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
             status = _status_line(chosen)
             progress(status if status != last_status else None)  # None: only the EXTEND pulse
             last_status = status
-        alive[0].join(STATUS_INTERVAL)
+        if loop.poll(STATUS_INTERVAL):  # a stop signal: every channel keeps its events
+            stop.set()
+    if own_loop:
+        loop.close()
     for i, r in enumerate(results):
         if r is None:  # its thread is stuck waiting for an unkillable sync_client
             ch = drainers[i].channel
@@ -573,7 +458,7 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
     _log_results(report)
     if record:
         try:
-            write_last_drain(instance, report)
+            state.record_last_drain(instance, report.to_json())
         except OSError as e:
             log.warning("could not record the drain result: %s", e)
     return report
@@ -581,29 +466,22 @@ def drain(instance: Instance, deadline: float = DEFAULT_DEADLINE, per_run_timeou
 
 def _log_results(report: DrainReport) -> None:
     for r in report.channels:
+        tag = channel_field(r.channel)
         if r.result == "drained":
             if r.lines_before:
                 log.info("channel %s: drained %d lines to %s in %.2f s (%d runs)",
-                         r.channel, r.lines_before, r.replica, r.seconds, r.runs)
+                         r.channel, r.lines_before, r.replica, r.seconds, r.runs, extra=tag)
         elif r.result == "skipped":
             log.warning("channel %s: %d lines left in %s, not drained: %s", r.channel, r.lines_after,
-                        r.sync_dir, r.message)
+                        r.sync_dir, r.message, extra=tag)
         elif r.result == "unreachable":
             log.error("channel %s: replica %s unreachable, %d lines kept in %s (%s); the next start "
                       "or `cyrushelper drain` replays them: %s", r.channel, r.replica, r.lines_after,
-                      r.sync_dir, " ".join(r.files_after), r.message)
+                      r.sync_dir, " ".join(r.files_after), r.message, extra=tag)
         else:
             log.error("channel %s: %s, %d lines kept in %s (%s) for replica %s: %s", r.channel,
                       r.result.replace("_", " "), r.lines_after, r.sync_dir, " ".join(r.files_after),
-                      r.replica, r.message)
-
-
-def write_last_drain(instance: Instance, report: DrainReport) -> Path:
-    """Atomically replace `{configdirectory}/cyrushelper/last-drain.json` (read by `status`)."""
-    target = state.ensure_state_dir(instance) / state.LAST_DRAIN
-    state.write_json_atomic(target, report.to_json())
-    give_to_owner_of(target, target.parent)
-    return target
+                      r.replica, r.message, extra=tag)
 
 
 # --------------------------------------------------------------------------- command line
@@ -618,14 +496,14 @@ The result is also written to {configdirectory}/cyrushelper/last-drain.json.
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    from cyrushelper import cli
-    cli.add_config_arguments(parser)
+    arguments.add_instance_arguments(parser)
     parser.epilog = (parser.epilog or "") + "\n" + EPILOG_EXTRA
-    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, metavar="SECONDS",
+    parser.add_argument("--deadline", type=arguments.positive_seconds, default=DEFAULT_DEADLINE,
+                        metavar="SECONDS",
                         help=f"give up (exit 75, events kept) after this long (default {DEFAULT_DEADLINE:g})")
-    parser.add_argument("--per-run-timeout", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--per-run-timeout", type=arguments.positive_seconds, default=None, metavar="SECONDS",
                         help="bound one sync_client run (default: the rest of the deadline)")
-    parser.add_argument("--lock-wait", type=float, default=DEFAULT_LOCK_WAIT, metavar="SECONDS",
+    parser.add_argument("--lock-wait", type=arguments.seconds, default=DEFAULT_LOCK_WAIT, metavar="SECONDS",
                         help="wait this long for another drainer or rolling sync_client "
                              f"of a channel to finish, then exit 73 (default {DEFAULT_LOCK_WAIT:g})")
     parser.add_argument("--channel", action="append", metavar="NAME",
@@ -668,26 +546,18 @@ def _report_service(service: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.deadline <= 0 or (args.per_run_timeout is not None and args.per_run_timeout <= 0) \
-            or args.lock_wait < 0:
-        log.error("--deadline and --per-run-timeout must be > 0, --lock-wait >= 0")
-        return exitcodes.USAGE
-    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
+    instance = arguments.load_instance(args)
     service = service_outcome() if args.from_systemd else None
     if service is not None:
         _report_service(service)
         _record_if_killed(instance, service)
     notifier = Notifier()
     pulse = Pulse(notifier, extend=30.0, interval=5.0) if notifier.enabled else None
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with proc.Loop() as loop:
+        loop.handle_signals(signal.SIGTERM, signal.SIGINT)
         report = drain(instance, deadline=args.deadline, per_run_timeout=args.per_run_timeout,
-                       progress=pulse, channels=args.channel, lock_wait=args.lock_wait, stop=stop,
-                       service=service)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+                       progress=pulse, channels=args.channel, lock_wait=args.lock_wait,
+                       service=service, loop=loop)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     return report.exit_code

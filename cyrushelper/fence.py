@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyrushelper import cli, exitcodes, proc
-from cyrushelper.config import Instance
+from cyrushelper import arguments, exitcodes, proc
 from cyrushelper.atomic import write_atomic
+from cyrushelper.config import Instance
+from cyrushelper.syncwatch import DirWatch
 
 log = logging.getLogger("cyrushelper.fence")
 
@@ -103,8 +104,6 @@ def wait_for_sessions(instance: Instance, grace: float, clock=time.monotonic) ->
 
     inotify on proc_path wakes us when a session ends; a short re-check interval also covers
     processes that died without removing their file."""
-    from cyrushelper.syncwatch import DirWatch
-
     deadline = clock() + grace
     left = sessions(instance)
     if not left or grace <= 0:
@@ -122,8 +121,8 @@ def wait_for_sessions(instance: Instance, grace: float, clock=time.monotonic) ->
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    cli.add_config_arguments(parser)
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+    arguments.add_instance_arguments(parser)
+    parser.add_argument("--grace", type=arguments.seconds, default=DEFAULT_GRACE, metavar="SECONDS",
                         help=f"how long open sessions may finish after the fence (default {DEFAULT_GRACE:g}); "
                              "ends early when no session process is left")
     parser.add_argument("--message", default=DEFAULT_MESSAGE, metavar="TEXT",
@@ -133,14 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
+    instance = arguments.load_instance(args)
     try:
         check_message(args.message)
     except ValueError as e:
         log.error("--message: %s", e)
-        return exitcodes.USAGE
-    if args.grace < 0:
-        log.error("--grace must not be negative")
         return exitcodes.USAGE
     master = proc.running_master(instance.pid_file)
     if master is None and not args.force:

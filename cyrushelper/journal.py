@@ -1,6 +1,8 @@
 """Logging: to the journal through systemd-python when available and running under systemd,
 else plain lines on stderr (which systemd also captures). systemd-python is the optional extra
-`cyrushelper[journal]`: it adds structured fields (CYRUS_INSTANCE, SYNC_CHANNEL …) to each entry.
+`cyrushelper[journal]`: with it every entry carries CYRUS_INSTANCE=<instance>, and a line about one
+sync log channel SYNC_CHANNEL=<channel> (`log.info(..., extra=channel_field(label))`), so that
+`journalctl CYRUS_INSTANCE=primary SYNC_CHANNEL=repl2` finds them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,22 @@ def journal_available() -> bool:
     return _JournalHandler is not None
 
 
-def setup_logging(verbose: bool = False) -> None:
+def channel_field(label: str) -> dict[str, str]:
+    """`extra=` for a log call about one sync log channel."""
+    return {"SYNC_CHANNEL": label}
+
+
+class _InstanceField(logging.Filter):
+    def __init__(self, instance: str):
+        super().__init__()
+        self.instance = instance
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.CYRUS_INSTANCE = self.instance
+        return True
+
+
+def setup_logging(verbose: bool = False, instance: str | None = None) -> None:
     global _use_stderr
     root = logging.getLogger("cyrushelper")
     root.handlers.clear()
@@ -38,6 +55,8 @@ def setup_logging(verbose: bool = False) -> None:
         fmt = "%(message)s" if under_systemd else "%(asctime)s cyrushelper: %(message)s"
         handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
         _use_stderr = True
+    if instance is not None:  # on the handler: a logger's own filters skip its children's records
+        handler.addFilter(_InstanceField(instance))
     root.addHandler(handler)
 
 

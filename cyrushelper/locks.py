@@ -7,8 +7,8 @@ the descriptor to its sync_client child: flock belongs to the open file, so the 
 until the last of us and our child is gone, even if cyrushelper itself is killed first.
 A Cyrus rolling sync_client does not know this lock; `drain` looks for those separately.
 
-The lock file lives outside the sync directories, where Cyrus never looks. It holds the PID of
-the current holder, for error messages only (the flock is the truth).
+The lock file lives in the state directory (state.py), outside the sync directories, where Cyrus
+never looks. It holds the PID of the current holder, for error messages only (the flock is the truth).
 """
 
 from __future__ import annotations
@@ -18,29 +18,14 @@ import os
 import time
 from pathlib import Path
 
-LOCK_DIR_NAME = "cyrushelper"
-
-
-def state_dir(configdirectory: os.PathLike | str) -> Path:
-    """`{configdirectory}/cyrushelper`, created on demand (owned like configdirectory when we are root)."""
-    path = Path(configdirectory) / LOCK_DIR_NAME
-    if not path.is_dir():
-        path.mkdir(mode=0o750, exist_ok=True)
-        give_to_owner_of(path, configdirectory)
-    return path
-
-
-def give_to_owner_of(path: os.PathLike | str, reference: os.PathLike | str) -> None:
-    """As root, chown `path` like `reference`, so a later run as the cyrus user can use it too."""
-    if os.geteuid() == 0:
-        st = os.stat(reference)
-        os.chown(path, st.st_uid, st.st_gid)
+from cyrushelper import state
+from cyrushelper.atomic import give_to_owner_of
 
 
 def channel_lock_path(configdirectory: os.PathLike | str, channel: str | None) -> Path:
     """drain.lock for the default channel, drain.NAME.lock for a named one (names never hold '/')."""
     name = "drain.lock" if channel is None else f"drain.{channel}.lock"
-    return state_dir(configdirectory) / name
+    return state.ensure_directory(configdirectory) / name
 
 
 class LockBusy(Exception):

@@ -1,14 +1,23 @@
-"""Processes seen through /proc: children of a PID, members of a session, signals by PID list.
+"""Processes: what /proc says about them, signals by PID, ending a child, and waiting for signals.
 
 Cyrus master runs in a session of its own (its PID is the session id), and every service child,
 daemon and forked `sync_client -r` stays in that session, so "the session" is the set of processes
-a stop must wait for. Nothing here ever selects a process by name.
+a stop must wait for. Every child cyrushelper starts gets a session of its own for the same reason.
+Nothing here ever selects a process by name.
+
+- /proc: info, alive, catches, cmdline, children, session_members, pids
+- signals by PID: signal_pids, kill_session; ending a child: terminate (SIGTERM, grace, SIGKILL)
+- Loop: a selector woken by file descriptors, signals and other threads, for every command that
+  waits (run's supervisor, the drain, `watch`)
 """
 
 from __future__ import annotations
 
 import os
+import selectors
 import signal
+import socket
+import subprocess
 from dataclasses import dataclass
 
 
@@ -44,14 +53,13 @@ def info(pid: int) -> ProcInfo | None:
         return None
 
 
+def pids() -> list[int]:
+    """Every PID visible in /proc (this PID namespace)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
 def all_processes() -> list[ProcInfo]:
-    result = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            p = info(int(name))
-            if p is not None:
-                result.append(p)
-    return result
+    return [p for p in map(info, pids()) if p is not None]
 
 
 def alive(pid: int) -> bool:
@@ -121,6 +129,23 @@ def kill_session(sid: int) -> list[int]:
     return killed
 
 
+def terminate(child: subprocess.Popen, grace: float) -> None:
+    """End a child started with start_new_session=True: one SIGTERM to it (it ends what it started
+    itself, e.g. a drain its sync_clients), then, if it is still running after `grace` seconds,
+    SIGKILL to its whole session; returns once it is reaped. Only the caller reaps `child`, so
+    while it is unreaped its PID (= its session id) cannot have been reused."""
+    if child.poll() is not None:
+        return
+    signal_pids([child.pid], signal.SIGTERM)
+    try:
+        child.wait(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    kill_session(child.pid)
+    child.wait()
+
+
 def comm(pid: int) -> str | None:
     p = info(pid)
     return p.comm if p else None
@@ -145,3 +170,75 @@ def running_master(pid_file: os.PathLike | str) -> int | None:
     if p is None or p.zombie or p.comm != "master":
         return None
     return pid
+
+
+class Loop:
+    """A selector woken by file descriptors (`add_reader`), other threads (`wake()`) and, once
+    `handle_signals()` was called (main thread only), signals: they arrive through the wakeup fd,
+    so a signal can never slip in between a check and the sleep."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self._rsock, self._wsock = socket.socketpair()
+        self._rsock.setblocking(False)
+        self._wsock.setblocking(False)
+        self._old_wakeup: int | None = None
+        self._old_handlers: dict[int, object] = {}
+        self.selector.register(self._rsock, selectors.EVENT_READ, None)
+
+    def handle_signals(self, *signums: int) -> None:
+        # A Python-level handler must be installed for the wakeup fd to receive the signal number;
+        # exec() resets caught signals to default, so children do not inherit anything.
+        if self._old_wakeup is None:
+            self._old_wakeup = signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
+        for signum in signums:
+            self._old_handlers[signum] = signal.signal(signum, lambda *_: None)
+
+    def add_reader(self, fileobj, callback) -> None:
+        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fileobj) -> None:
+        self.selector.unregister(fileobj)
+
+    def wake(self) -> None:
+        try:
+            self._wsock.send(b"\0")  # 0 is no signal number: a plain wake-up
+        except (BlockingIOError, OSError):
+            pass
+
+    def poll(self, timeout: float | None) -> list[int]:
+        """Wait up to `timeout` (None: until woken); run ready callbacks; return the signals received."""
+        signums: list[int] = []
+        for key, _ in self.selector.select(timeout if timeout is None else max(0.0, timeout)):
+            if key.data is None:
+                try:
+                    while chunk := self._rsock.recv(512):
+                        signums += [b for b in chunk if b]
+                except BlockingIOError:
+                    pass
+            else:
+                key.data()
+        return signums
+
+    def close(self, restore_handlers: bool = True) -> None:
+        """Stop listening. restore_handlers=False: the process is about to exit with an exit code
+        that must not be replaced by death-by-signal, so stop signals are ignored from now on.
+        SIG_IGN, not a Python handler: interpreter finalization (_PySignal_Fini) resets Python
+        handlers to SIG_DFL, and a repeated SIGTERM landing then would turn exit 70 into a
+        'killed by SIGTERM' that systemd counts as a clean stop (measured: 40 of 40 runs)."""
+        if self._old_wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+        for signum, handler in self._old_handlers.items():
+            if restore_handlers:
+                signal.signal(signum, handler)
+            elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)
+        self.selector.close()
+        self._rsock.close()
+        self._wsock.close()
+
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from cyrushelper import exitcodes
+from cyrushelper import arguments, exitcodes
 from cyrushelper.atomic import symlink_atomic, write_atomic
 from cyrushelper.config import DEFAULT_IMAPD_CONF, ConfigError, Instance
 
@@ -76,9 +76,10 @@ def running_helper() -> str | None:
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name == "cyrushelper.__main__":
         return f"{os.path.abspath(sys.executable)} -m cyrushelper"
-    from cyrushelper import cli
     script = getattr(main, "__file__", None)
-    if script and spec is None and getattr(main, "main", None) is cli.main:   # a console script
+    entry = getattr(main, "main", None)   # a console script: `from cyrushelper.cli import main`
+    if script and spec is None and getattr(entry, "__module__", None) == "cyrushelper.cli" \
+            and getattr(entry, "__name__", None) == "main":
         return os.path.abspath(script)
     return None
 
@@ -140,15 +141,6 @@ def check_instance_name(name: str, option: str = "--instance") -> str:
     return name
 
 
-def _where_option(inst: Instance, path: PurePosixPath) -> tuple[str, int | None]:
-    """file:line of the imapd.conf option that produced `path` (for error messages)."""
-    for opt in inst.imapd.options.values():
-        value = opt.value.replace("{configdirectory}", inst.imapd.get("configdirectory") or "")
-        if value and (PurePosixPath(value) == path or PurePosixPath(value).parent == path):
-            return opt.path, opt.line
-    return str(inst.imapd.path), None
-
-
 def _safe_path(path: str | os.PathLike, where: tuple[str, int | None]) -> PurePosixPath:
     text = os.fspath(path)
     if not os.path.isabs(text):
@@ -168,12 +160,9 @@ def _under(path: PurePosixPath, roots: tuple[PurePosixPath, ...]) -> bool:
 
 def writable_paths(inst: Instance) -> list[WritablePath]:
     """What the instance writes to: imapd.conf's paths plus cyrus.conf's UNIX socket directories."""
-    configdirectory = _safe_path(inst.imapd.configdirectory, inst.imapd.where("configdirectory"))
-    found: list[tuple[PurePosixPath, bool]] = [(configdirectory, True)]
-    for p in inst.imapd.writable_paths:
-        found.append((_safe_path(p, _where_option(inst, PurePosixPath(os.fspath(p)))), False))
-    for extra in (inst.pid_file.parent, inst.ready_file.parent):
-        found.append((_safe_path(extra, _where_option(inst, PurePosixPath(extra))), False))
+    # configdirectory is the one required path (imapd.conf's list starts with it)
+    found: list[tuple[PurePosixPath, bool]] = [(_safe_path(item.path, item.where), item.option == "configdirectory")
+                                               for item in inst.imapd.writable_paths]
     for entry in inst.cyrus.entries:
         listen = entry.listen
         if listen is not None and listen.kind == "unix":
@@ -346,8 +335,7 @@ def generate(inst: Instance, output: Path, helper: str | None = None, *, force: 
 # --------------------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    from cyrushelper import cli
-    cli.add_config_arguments(parser)
+    arguments.add_instance_arguments(parser)
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="directory to write the units into (copy its contents to /etc/systemd/system)")
     parser.add_argument("--helper", metavar="PATH",
@@ -368,10 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     check_instance_name(args.instance)
-    inst = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
-    if args.unit_imapd_conf is None:  # else they compare against the copy's path: meaningless
-        for warning in inst.warnings:
-            log.warning("%s", warning)
+    # with --unit-imapd-conf the parsed file is a copy: its -C warnings would be meaningless
+    inst = arguments.load_instance(args, warn=args.unit_imapd_conf is None)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ConfigError(output, None, "--output exists and is not a directory")

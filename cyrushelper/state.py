@@ -1,12 +1,14 @@
-"""What cyrushelper remembers between runs, in `{configdirectory}/cyrushelper/`.
+"""What cyrushelper remembers between runs: the one owner of `{configdirectory}/cyrushelper/`.
 
 - `unclean-stop.json`: written when a stop needed SIGKILL (a replication event may be missing).
   It stays until a reconcile (`sync_client -A` on every channel) succeeded or an operator
   acknowledged it (`cyrushelper status --ack-unclean`); `run` and `status` report it.
 - `last-stop.json`: how the last stop ended (clean/unclean/master died), for `status`.
-- `last-drain.json`: written by `cyrushelper drain`; only read here.
+- `last-drain.json`: how the last `cyrushelper drain` ended, per channel.
+- `drain[.CHANNEL].lock`: the drainers' channel locks (locks.py takes them; they live here).
 
-Every write is atomic (cyrushelper.atomic): a crash leaves the old or the new file, never half.
+The directory lives outside the sync directories, where Cyrus never looks. Every write is atomic
+(cyrushelper.atomic): a crash leaves the old or the new file, never half.
 """
 
 from __future__ import annotations
@@ -16,26 +18,41 @@ import os
 import time
 from pathlib import Path
 
-from cyrushelper.atomic import write_atomic
+from cyrushelper.atomic import give_to_owner_of, write_atomic
 from cyrushelper.config import Instance
 
+DIRNAME = "cyrushelper"
 UNCLEAN_STOP = "unclean-stop.json"
 LAST_STOP = "last-stop.json"
 LAST_DRAIN = "last-drain.json"
 
 
+def directory(configdirectory: os.PathLike | str) -> Path:
+    """`{configdirectory}/cyrushelper` (not created)."""
+    return Path(configdirectory) / DIRNAME
+
+
+def ensure_directory(configdirectory: os.PathLike | str) -> Path:
+    """Create the state directory on demand (mode 0750, owned like configdirectory when we are
+    root, so that a later run as the cyrus user can use it too)."""
+    path = directory(configdirectory)
+    if not path.is_dir():
+        path.mkdir(mode=0o750, exist_ok=True)
+        give_to_owner_of(path, configdirectory)
+    return path
+
+
 def state_dir(instance: Instance) -> Path:
-    return instance.imapd.configdirectory / "cyrushelper"
+    return directory(instance.imapd.configdirectory)
 
 
 def ensure_state_dir(instance: Instance) -> Path:
-    """Create the state directory (owned like configdirectory when we are root, mode 0750)."""
-    from cyrushelper import locks  # the drain's lock files live in the same directory
-    return locks.state_dir(instance.imapd.configdirectory)
+    return ensure_directory(instance.imapd.configdirectory)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o640)
+    give_to_owner_of(path, path.parent)
 
 
 def read_json(path: Path) -> dict | None:
@@ -87,6 +104,12 @@ def record_last_stop(instance: Instance, result: dict) -> None:
 
 def last_stop(instance: Instance) -> dict | None:
     return read_json(state_dir(instance) / LAST_STOP)
+
+
+def record_last_drain(instance: Instance, result: dict) -> Path:
+    path = ensure_state_dir(instance) / LAST_DRAIN
+    write_json_atomic(path, result)
+    return path
 
 
 def last_drain(instance: Instance) -> dict | None:

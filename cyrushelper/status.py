@@ -13,13 +13,15 @@ import argparse
 import json
 import logging
 import os
-import select
 import signal
 import sys
 import time
 
-from cyrushelper import cli, exitcodes, fence, proc, state, synclog
+from cyrushelper import arguments, exitcodes, fence, proc, state, synclog
+from cyrushelper.channels import rolling_channels
 from cyrushelper.config import Instance
+from cyrushelper.probe import probe_all
+from cyrushelper.syncwatch import DirWatch
 
 log = logging.getLogger("cyrushelper.status")
 
@@ -36,8 +38,6 @@ STATUS_EPILOG = """status exit codes:
 
 
 def collect(instance: Instance, probe: bool = True) -> dict:
-    from cyrushelper.supervisor import probe_all, rolling_channels
-
     pid = proc.running_master(instance.pid_file)
     rolling = rolling_channels(instance)
     report: dict = {
@@ -120,86 +120,75 @@ def format_text(report: dict) -> str:
 def watch(instance: Instance, as_json: bool, interval: float, duration: float, out=sys.stdout) -> int:
     """Print the backlog whenever it changes (at most once per `interval`) and when master exits.
     Woken only by inotify, master's pidfd and signals; ends after `duration` (0: never)."""
-    from cyrushelper.syncwatch import DirWatch
+    master = {"pid": None, "pidfd": None}
+    pending = {"flag": True}
 
-    stop = {"flag": False}
-    rsock, wsock = os.pipe()
-    os.set_blocking(wsock, False)
-    old_wakeup = signal.set_wakeup_fd(wsock, warn_on_full_buffer=False)
-    old = {s: signal.signal(s, lambda *_: stop.update(flag=True)) for s in (signal.SIGINT, signal.SIGTERM)}
-    pidfd = None
-
-    def open_pidfd():
-        pid = proc.running_master(instance.pid_file)
-        if pid is None:
-            return None, None
-        try:
-            return pid, os.pidfd_open(pid)
-        except (OSError, AttributeError):
-            return pid, None
-
-    def emit(master_pid):
+    def emit():
         backlogs = [synclog.backlog(c) for c in instance.channels]
         if as_json:
-            out.write(json.dumps({"time": time.time(), "master_pid": master_pid,
+            out.write(json.dumps({"time": time.time(), "master_pid": master["pid"],
                                   "channels": {b.channel: b.lines for b in backlogs}}) + "\n")
         else:
-            who = f"master {master_pid}" if master_pid else "master not running"
+            who = f"master {master['pid']}" if master["pid"] else "master not running"
             out.write(f"{time.strftime('%H:%M:%S')} {who}; {synclog.format_backlog(backlogs)}\n")
         out.flush()
 
+    def forget_master():
+        if master["pidfd"] is not None:
+            loop.remove_reader(master["pidfd"])
+            os.close(master["pidfd"])
+        master["pid"] = master["pidfd"] = None
+        pending["flag"] = True
+
+    def follow_master():
+        forget_master()
+        pid = proc.running_master(instance.pid_file)
+        master["pid"] = pid
+        if pid is not None:
+            try:
+                master["pidfd"] = os.pidfd_open(pid)
+                loop.add_reader(master["pidfd"], forget_master)  # readable once master exits
+            except OSError:
+                pass
+
+    def on_change():
+        changed = dw.read()
+        if "pid" in changed:
+            follow_master()  # a new master wrote its pid file
+        if changed:
+            pending["flag"] = True
+
     end = time.monotonic() + duration if duration > 0 else None
-    try:
-        with DirWatch() as dw:
-            for channel in instance.channels:
-                dw.add_channel(channel)
-            dw.add_file("pid", instance.pid_file)  # a new master writes its pid file
-            master_pid, pidfd = open_pidfd()
-            dw.read()
-            emit(master_pid)
-            last = time.monotonic()
-            pending = False
-            while not stop["flag"]:
-                now = time.monotonic()
-                if end is not None and now >= end:
-                    break
-                timeout = None if end is None else end - now
-                if pending:
-                    due = last + interval - now
-                    timeout = due if timeout is None else min(timeout, due)
-                fds = [rsock, dw.fileno()] + ([pidfd] if pidfd is not None else [])
-                ready, _, _ = select.select(fds, [], [], None if timeout is None else max(0.0, timeout))
-                if rsock in ready:
-                    os.read(rsock, 512)
-                changed = dw.read()
-                if pidfd is not None and pidfd in ready:
-                    os.close(pidfd)
-                    master_pid, pidfd = None, None
-                    pending = True
-                if "pid" in changed:
-                    if pidfd is not None:
-                        os.close(pidfd)
-                    master_pid, pidfd = open_pidfd()
-                if changed:
-                    pending = True
-                if pending and time.monotonic() - last >= interval:
-                    emit(master_pid)
-                    last, pending = time.monotonic(), False
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-        signal.set_wakeup_fd(old_wakeup)
-        for s, h in old.items():
-            signal.signal(s, h)
-        os.close(rsock)
-        os.close(wsock)
+    with proc.Loop() as loop, DirWatch() as dw:
+        loop.handle_signals(signal.SIGINT, signal.SIGTERM)
+        for channel in instance.channels:
+            dw.add_channel(channel)
+        dw.add_file("pid", instance.pid_file)
+        dw.read()
+        follow_master()
+        loop.add_reader(dw, on_change)
+        last = None
+        while True:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                break
+            if pending["flag"] and (last is None or now - last >= interval):
+                emit()
+                last, pending["flag"] = now, False
+            timeout = None if end is None else end - now
+            if pending["flag"]:
+                due = last + interval - now
+                timeout = due if timeout is None else min(timeout, due)
+            if loop.poll(timeout):
+                break  # SIGINT / SIGTERM
+        forget_master()
     return exitcodes.OK
 
 
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    cli.add_config_arguments(parser)
+    arguments.add_instance_arguments(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output"
                         + (" (one JSON object per line)" if name == "watch" else ""))
     if name == "status":
@@ -209,16 +198,16 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--ack-unclean", action="store_true",
                             help="remove the unclean-stop marker after you reconciled by hand")
     else:
-        parser.add_argument("--interval", type=float, default=0.25, metavar="SECONDS",
+        parser.add_argument("--interval", type=arguments.seconds, default=0.25, metavar="SECONDS",
                             help="at most one line per interval (default 0.25)")
-        parser.add_argument("--duration", type=float, default=0, metavar="SECONDS",
+        parser.add_argument("--duration", type=arguments.seconds, default=0, metavar="SECONDS",
                             help="stop after this long (default: until Ctrl-C / SIGTERM)")
 
 
 def main(args: argparse.Namespace) -> int:
-    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
+    instance = arguments.load_instance(args)
     if args.command == "watch":
-        return watch(instance, args.json, max(0.0, args.interval), args.duration)
+        return watch(instance, args.json, args.interval, args.duration)
     if args.ack_unclean:
         if state.clear_unclean_stop(instance):
             log.info("unclean-stop marker removed from %s", state.state_dir(instance))

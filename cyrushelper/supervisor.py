@@ -7,8 +7,9 @@ READY=1 is sent when Cyrus can serve. master.c binds the SERVICES sockets only a
 entry finished (e.g. `ctl_cyrusdb -r`), then starts `wait=y` daemons, then enters its accept loop;
 so we require every SERVICES listener to accept a connection and every service that speaks first
 (imapd, pop3d, lmtpd, timsieved, nntpd without -s) to send its greeting, which only a child forked
-by the running loop can do. Cyrus ≥ 3.10 also creates master.ready just before that loop: when the
-installed master is that new we first wait for the file (inotify), then probe the listeners.
+by the running loop can do (probe.py). Cyrus ≥ 3.10 also creates master.ready just before that
+loop: when the installed master is that new (cyrus.py) we first wait for the file (inotify), then
+probe the listeners.
 
 Running: STATUS= shows each channel's replication backlog, refreshed from inotify events on the
 sync directories (at most every --status-interval seconds; nothing polls). SIGHUP goes to master
@@ -25,13 +26,9 @@ The next start reports the marker and, with --reconcile=auto, runs `sync_client 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
-import re
-import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,122 +36,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cyrushelper import cli, exitcodes, fence, proc, state, synclog
-from cyrushelper.config import Instance, Listen, cyrus_bin_dir
+from cyrushelper import arguments, cyrus, exitcodes, fence, proc, state, synclog
+from cyrushelper.channels import replication_channels, rolling_channels
+from cyrushelper.config import Instance
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
+from cyrushelper.probe import probe_all
+from cyrushelper.syncwatch import DirWatch
 
 log = logging.getLogger("cyrushelper.run")
 
-GREETING_PROGRAMS = ("imapd", "pop3d", "lmtpd", "timsieved", "nntpd")
 RECONCILE_CHOICES = ("auto", "recommend", "off")
-
-
-# --------------------------------------------------------------------------- event loop
-
-class Loop:
-    """A selector woken by file descriptors, signals (through the wakeup fd, so a signal can never
-    slip in between a check and the sleep) and other threads (`wake()`)."""
-
-    def __init__(self):
-        self.selector = selectors.DefaultSelector()
-        self._rsock, self._wsock = socket.socketpair()
-        self._rsock.setblocking(False)
-        self._wsock.setblocking(False)
-        self._old_wakeup = signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
-        self._old_handlers: dict[int, object] = {}
-        self.selector.register(self._rsock, selectors.EVENT_READ, None)
-
-    def handle_signals(self, *signums: int) -> None:
-        # A Python-level handler must be installed for the wakeup fd to receive the signal number;
-        # exec() resets caught signals to default, so Cyrus master does not inherit anything.
-        for signum in signums:
-            self._old_handlers[signum] = signal.signal(signum, lambda *_: None)
-
-    def add_reader(self, fileobj, callback) -> None:
-        self.selector.register(fileobj, selectors.EVENT_READ, callback)
-
-    def wake(self) -> None:
-        try:
-            self._wsock.send(b"\0")  # 0 is no signal number: a plain wake-up
-        except (BlockingIOError, OSError):
-            pass
-
-    def poll(self, timeout: float | None) -> list[int]:
-        """Wait up to `timeout`; run ready callbacks; return the signals received meanwhile."""
-        signums: list[int] = []
-        for key, _ in self.selector.select(timeout if timeout is None else max(0.0, timeout)):
-            if key.data is None:
-                try:
-                    while chunk := self._rsock.recv(512):
-                        signums += [b for b in chunk if b]
-                except BlockingIOError:
-                    pass
-            else:
-                key.data()
-        return signums
-
-    def close(self, restore_handlers: bool = True) -> None:
-        """Stop listening. restore_handlers=False: the process is about to exit with an exit code
-        that must not be replaced by death-by-signal, so stop signals are ignored from now on.
-        SIG_IGN, not a Python handler: interpreter finalization (_PySignal_Fini) resets Python
-        handlers to SIG_DFL, and a repeated SIGTERM landing then would turn exit 70 into a
-        'killed by SIGTERM' that systemd counts as a clean stop (measured: 40 of 40 runs)."""
-        signal.set_wakeup_fd(self._old_wakeup)
-        for signum, handler in self._old_handlers.items():
-            if restore_handlers:
-                signal.signal(signum, handler)
-            elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_IGN)
-        self.selector.close()
-        self._rsock.close()
-        self._wsock.close()
-
-
-# --------------------------------------------------------------------------- readiness
-
-def master_version(master: Path) -> tuple[int, int] | None:
-    """(major, minor) from `master -V` ('cyrus-imapd 3.6.1-Debian-…'), None if unknown."""
-    try:
-        out = subprocess.run([str(master), "-V"], capture_output=True, text=True, timeout=10,
-                             stdin=subprocess.DEVNULL, env=strip_notify_env(os.environ))
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"cyrus-imapd[ -](\d+)\.(\d+)", out.stdout + out.stderr)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def has_ready_file(version: tuple[int, int] | None) -> bool:
-    """master.ready (option master_ready_file, created before the accept loop) exists since 3.10."""
-    return version is not None and version >= (3, 10)
-
-
-def speaks_first(entry) -> bool:
-    words = entry.cmd
-    return entry.program in GREETING_PROGRAMS and "-s" not in words[1:]
-
-
-def probe_listener(listen: Listen, want_greeting: bool, timeout: float = 2.0) -> str | None:
-    """None if the listener accepts (and greets when expected), else why not."""
-    family, address = listen.connect_address()
-    if family != socket.AF_UNIX and address[1] is None:
-        return f"unknown port {listen.port!r}"
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(address)
-            if want_greeting:
-                data = s.recv(256)
-                if not data:
-                    return "closed without greeting"
-    except (OSError, socket.timeout) as e:
-        return str(e) or type(e).__name__
-    return None
-
-
-def probe_all(instance: Instance, timeout: float = 2.0) -> dict[str, str | None]:
-    """{'service listen': None or the failure} for every SERVICES listener."""
-    return {f"{entry.name} {listen}": probe_listener(listen, speaks_first(entry), timeout)
-            for entry, listen in instance.listeners}
 
 
 # --------------------------------------------------------------------------- background jobs
@@ -171,7 +62,7 @@ class Job:
     name: str
     commands: list[list[str]]
     deadline: float            # seconds for all commands together
-    loop: Loop
+    loop: proc.Loop
     ok_codes: tuple[int, ...] = (0,)
     results: list[tuple[list[str], int | None]] = field(default_factory=list)
     done: bool = False
@@ -213,19 +104,10 @@ class Job:
 
     def _end_current(self) -> None:
         p = self._current
-        if p is None or p.poll() is not None:
-            return
-        proc.signal_pids([p.pid], signal.SIGTERM)
-        try:
-            # longer than a drain needs to end its own sync_clients (SIGTERM, then SIGKILL after
-            # 2 s each): killed earlier, it would orphan a sync_client that keeps the channel lock
-            p.wait(timeout=JOB_TERM_GRACE)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-        # still running, so not reaped: its PID (= session id) cannot have been reused
-        proc.kill_session(p.pid)
-        p.wait()
+        if p is not None:
+            # the grace is longer than a drain needs to end its own sync_clients (SIGTERM, then
+            # SIGKILL after 2 s each): killed earlier, it would orphan a sync_client holding the lock
+            proc.terminate(p, JOB_TERM_GRACE)
 
     def cancel(self) -> None:
         with self._lock:
@@ -234,26 +116,11 @@ class Job:
         self._thread.join(timeout=10)
 
 
-def replication_channels(instance: Instance) -> list:
-    """Channels sync_client replays (not a squatter's channel, and with a sync_host)."""
-    try:
-        from cyrushelper.drain import not_replicated_reason
-    except ImportError:
-        return [c for c in instance.channels if c.host]
-    return [c for c in instance.channels if not_replicated_reason(instance, c) is None]
-
-
-def rolling_channels(instance: Instance) -> set[str]:
-    """Labels of the channels a rolling sync_client (-r / -R) in cyrus.conf replays continuously."""
-    labels = set()
-    for entry in instance.sync_client_entries:
-        flags = "".join(w[1:] for w in entry.cmd[1:] if re.fullmatch(r"-[A-Za-z0-9]+", w))
-        if "r" in flags or "R" in flags:
-            labels.add(entry.channel if entry.channel is not None else "default")
-    return labels
-
-
 # --------------------------------------------------------------------------- the supervisor
+
+class StartRefused(Exception):
+    """`run` cannot start master (missing binary, a master already runs): exit 1 with the reason."""
+
 
 @dataclass
 class Options:
@@ -274,7 +141,7 @@ class Supervisor:
         self.options = options
         self.notifier = notifier or Notifier()
         self.master: subprocess.Popen | None = None
-        self.loop: Loop | None = None
+        self.loop: proc.Loop | None = None
         self.watch = None
         self.jobs: dict[str, Job] = {}
         self.leftover_channels: set[str] = set()
@@ -336,12 +203,12 @@ class Supervisor:
 
     # -- start
     def preflight(self) -> Path:
-        master = cyrus_bin_dir() / "master"
+        master = cyrus.program("master")
         if not os.access(master, os.X_OK):
-            raise RuntimeError(f"{master} is not an executable file (set CYRUSHELPER_CYRUS_BINDIR?)")
+            raise StartRefused(f"{master} is not an executable file (set CYRUSHELPER_CYRUS_BINDIR?)")
         other = proc.running_master(self.instance.pid_file)
         if other is not None:
-            raise RuntimeError(f"a master (PID {other}) already runs for {self.instance.pid_file}")
+            raise StartRefused(f"a master (PID {other}) already runs for {self.instance.pid_file}")
         return master
 
     def start_master(self, master: Path) -> None:
@@ -393,7 +260,7 @@ class Supervisor:
         self.check_leftovers()
 
     def start_reconcile(self) -> None:
-        sync_client = str(cyrus_bin_dir() / "sync_client")
+        sync_client = str(cyrus.program("sync_client"))
         commands = []
         for ch in replication_channels(self.instance):
             cmd = [sync_client, "-C", str(self.instance.imapd.path)]
@@ -424,8 +291,7 @@ class Supervisor:
         what = " ".join(f"{b.channel}={b.lines}" for b in orphans)
         log.warning("sync log events left from before this start and no rolling sync_client to replay "
                     "them: %s", what)
-        drain_available = importlib.util.find_spec("cyrushelper.drain") is not None
-        if not (self.options.leftover_drain and drain_available):
+        if not self.options.leftover_drain:
             self.notes["leftover"] = f"leftover events {what}: run `cyrushelper drain`"
             return
         cmd = [sys.executable, "-m", "cyrushelper", "drain", "-C", str(self.instance.imapd.path),
@@ -602,13 +468,13 @@ class Supervisor:
             log.warning("unclean-stop marker present (%s: %s)", marker.get("time"), marker.get("reason"))
         if fence.remove_fence(self.instance):
             log.info("removed a stale fence %s (left by an earlier stop)", self.instance.fence_file)
-        use_ready_file = has_ready_file(master_version(master))
+        use_ready_file = cyrus.has_ready_file(cyrus.master_version(master))
         if use_ready_file:
             try:
                 os.unlink(self.instance.ready_file)  # stale: master is not running (checked above)
             except FileNotFoundError:
                 pass
-        self.loop = Loop()
+        self.loop = proc.Loop()
         self.loop.handle_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         try:
             self._open_watch(use_ready_file)
@@ -658,7 +524,6 @@ class Supervisor:
             self.loop.close(restore_handlers=False)
 
     def _open_watch(self, use_ready_file: bool) -> None:
-        from cyrushelper.syncwatch import DirWatch
         self.watch = DirWatch()
         for channel in self.instance.channels:
             self.watch.add_channel(channel)
@@ -670,42 +535,36 @@ class Supervisor:
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    cli.add_config_arguments(parser)
+    arguments.add_instance_arguments(parser)
     d = Options()
-    parser.add_argument("--start-timeout", type=float, default=d.start_timeout, metavar="SECONDS",
+    parser.add_argument("--start-timeout", type=arguments.seconds, default=d.start_timeout, metavar="SECONDS",
                         help=f"give up (stop master, exit 1) if Cyrus cannot serve after this long "
                              f"(default {d.start_timeout:g})")
-    parser.add_argument("--stop-timeout", type=float, default=d.stop_timeout, metavar="SECONDS",
+    parser.add_argument("--stop-timeout", type=arguments.seconds, default=d.stop_timeout, metavar="SECONDS",
                         help=f"after master's SIGTERM, SIGKILL what is left after this long and record "
                              f"the stop as unclean (default {d.stop_timeout:g})")
-    parser.add_argument("--master-alone-grace", type=float, default=d.master_alone_grace, metavar="SECONDS",
+    parser.add_argument("--master-alone-grace", type=arguments.seconds, default=d.master_alone_grace, metavar="SECONDS",
                         help="when every child has exited but master has not after this long (Cyrus "
                              "shutdown hang, cyrus-imapd #5309), SIGKILL master alone; the stop stays "
                              f"clean because no child was cut short (default {d.master_alone_grace:g})")
-    parser.add_argument("--status-interval", type=float, default=d.status_interval, metavar="SECONDS",
+    parser.add_argument("--status-interval", type=arguments.seconds, default=d.status_interval, metavar="SECONDS",
                         help=f"at most one STATUS= update per interval (default {d.status_interval:g})")
     parser.add_argument("--reconcile", choices=RECONCILE_CHOICES, default=d.reconcile,
                         help="after an unclean stop: auto = run `sync_client -A` per channel after READY "
                              "and clear the marker on success; recommend = say so in STATUS and the "
                              "journal; off = only `status` reports it (default recommend)")
-    parser.add_argument("--reconcile-timeout", type=float, default=d.reconcile_timeout, metavar="SECONDS",
+    parser.add_argument("--reconcile-timeout", type=arguments.seconds, default=d.reconcile_timeout, metavar="SECONDS",
                         help=f"deadline for the whole reconcile (default {d.reconcile_timeout:g})")
     parser.add_argument("--leftover-drain", choices=("auto", "off"), default="auto",
                         help="sync log events found at start on a channel without a rolling sync_client: "
                              "auto = run `cyrushelper drain` in the background after READY; off = only "
                              "report them in STATUS (default auto)")
-    parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout, metavar="SECONDS",
+    parser.add_argument("--drain-timeout", type=arguments.seconds, default=d.drain_timeout, metavar="SECONDS",
                         help=f"deadline for that background drain (default {d.drain_timeout:g})")
 
 
 def main(args: argparse.Namespace) -> int:
-    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
-    for warning in instance.warnings:
-        log.warning("%s", warning)
-    for name in ("start_timeout", "stop_timeout", "master_alone_grace", "status_interval", "reconcile_timeout", "drain_timeout"):
-        if getattr(args, name) < 0:
-            log.error("--%s must not be negative", name.replace("_", "-"))
-            return exitcodes.USAGE
+    instance = arguments.load_instance(args, warn=True)
     options = Options(start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
                       master_alone_grace=args.master_alone_grace,
                       status_interval=args.status_interval, reconcile=args.reconcile,
@@ -713,6 +572,6 @@ def main(args: argparse.Namespace) -> int:
                       leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout)
     try:
         return Supervisor(instance, options).run()
-    except RuntimeError as e:
+    except StartRefused as e:
         log.error("%s", e)
         return exitcodes.FAILURE

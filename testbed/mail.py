@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cyrushelper.config import cyrus_bin_dir
+from cyrushelper import cyrus
 
 LOOPBACK = "127.0.0.1"
 _MID_RE = re.compile(r"<[^<>\s]+>")
@@ -382,7 +382,7 @@ def _run(args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
 
 def list_mailboxes(imapd_conf: os.PathLike | str) -> list[str]:
     """Live mailboxes from mailboxes.db (tombstones, left by DELETE/RENAME, are skipped)."""
-    result = _run([str(cyrus_bin_dir() / "ctl_mboxlist"), "-C", str(imapd_conf), "-d"])
+    result = _run([str(cyrus.program("ctl_mboxlist")), "-C", str(imapd_conf), "-d"])
     if result.returncode != 0:
         raise RuntimeError(f"ctl_mboxlist -d failed for {imapd_conf}: {result.stderr.strip()}")
     entries = json.loads(result.stdout or "{}")
@@ -397,7 +397,7 @@ def parse_mbexamine(output: str) -> list[tuple[int, str]]:
 
 
 def mailbox_messages(imapd_conf: os.PathLike | str, mailbox: str) -> list[tuple[int, str]] | None:
-    result = _run([str(cyrus_bin_dir() / "mbexamine"), "-C", str(imapd_conf), mailbox])
+    result = _run([str(cyrus.program("mbexamine")), "-C", str(imapd_conf), mailbox])
     return parse_mbexamine(result.stdout) if result.returncode == 0 else None
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from cyrushelper.config import Channel, Instance, cyrus_bin_dir
+from cyrushelper import cyrus
+from cyrushelper.config import Channel, Instance
 from cyrushelper.proc import alive, cmdline, session_members
 from cyrushelper.synclog import Backlog, backlog, pending_files
 
@@ -359,7 +360,7 @@ class CyrusPair:
         return self.master_pid(which) is not None
 
     def master_command(self, which: str) -> list[str]:
-        return [str(cyrus_bin_dir() / "master"), "-C", str(self.imapd_conf(which)),
+        return [str(cyrus.program("master")), "-C", str(self.imapd_conf(which)),
                 "-M", str(self.cyrus_conf(which)), "-p", str(self.pid_file(which)), "-D"]
 
     def start(self, which: str, timeout: float = 15.0) -> int:
@@ -455,7 +456,7 @@ class CyrusPair:
         for channel in channels:
             while pending_files(channel) and not timed_out and rounds < max_rounds:
                 rounds += 1
-                cmd = [str(cyrus_bin_dir() / "sync_client"), "-C", str(self.primary_imapd_conf)]
+                cmd = [str(cyrus.program("sync_client")), "-C", str(self.primary_imapd_conf)]
                 if channel.name:
                     cmd += ["-n", channel.name]
                 cmd += ["-R", "-1"]

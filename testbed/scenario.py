@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cyrushelper import state
 from cyrushelper.config import Instance
 from cyrushelper.synclog import backlog, count_lines
 from testbed import product
@@ -72,7 +73,8 @@ class LabSystem:
     # ------------------------------------------------------------------ helpers
     def lab(self, command: str, *args: str, timeout: float = 120, check: bool = True):
         return self.c.run(self.python, "-m", "testbed", command, str(self.pair.root),
-                          "--port-base", str(self.pair.port_base), *args, timeout=timeout, check=check)
+                          "--port-base", str(self.pair.port_base), *args, timeout=timeout, check=check,
+                          env=self.c.python_env)
 
     def cyrushelper(self, *args: str, timeout: float = 300, check: bool = False):
         """The installed product's command, by absolute path, as root in the container."""
@@ -90,7 +92,7 @@ class LabSystem:
         return {b.channel: list(b.files) for b in (backlog(ch) for ch in self.instance(which).channels)}
 
     def state_file(self, name: str, which: str = "primary") -> dict | None:
-        path = self.pair.config_dir(which) / "cyrushelper" / name
+        path = state.directory(self.pair.config_dir(which)) / name
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
@@ -158,6 +160,7 @@ class LabSystem:
         unit = f"lab-load-{self._loads}.service"
         record = self.workdir / f"load-{self._loads}.record"
         self.c.run("systemd-run", f"--unit={unit}", "--quiet", "--property=KillMode=mixed",
+                   *[f"--setenv={k}={v}" for k, v in self.c.python_env.items()],
                    self.python, "-m", "testbed", "load", str(self.pair.root),
                    "--port-base", str(self.pair.port_base), "--record", str(record),
                    "--seconds", str(seconds), "--users", users, "--pause", str(pause))

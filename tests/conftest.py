@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cyrushelper.config import cyrus_bin_dir
+from cyrushelper.cyrus import bin_dir as cyrus_bin_dir
 from testbed.pair import CyrusPair, Ports, SyslogSink, port_free
 
 PORT_STEP = 1000

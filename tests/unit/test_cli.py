@@ -61,3 +61,21 @@ def test_console_script_entry_point_declared():
     from pathlib import Path
     data = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert data["project"]["scripts"]["cyrushelper"] == "cyrushelper.cli:main"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["drain", "--deadline", "nan"], "not a finite number"),
+    (["drain", "--deadline", "0"], "must be greater than 0"),
+    (["drain", "--per-run-timeout", "inf"], "not a finite number"),
+    (["drain", "--lock-wait", "-1"], "must not be negative"),
+    (["run", "--stop-timeout", "-1"], "must not be negative"),
+    (["run", "--start-timeout", "soon"], "not a number of seconds"),
+    (["stop", "--grace", "nan"], "not a finite number"),
+    (["watch", "--interval", "-0.5"], "must not be negative"),
+])
+def test_durations_are_checked_before_anything_runs(argv, message):
+    """One set of argument types for every subcommand: a bad duration is a usage error (exit 2)
+    with one line naming the option, before any configuration is read."""
+    r = run_cli(*argv, "-C", "/nonexistent/imapd.conf")
+    assert r.returncode == exitcodes.USAGE, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr

@@ -21,6 +21,8 @@ import pytest
 from cyrushelper import exitcodes
 from cyrushelper.config import (ConfigError, Instance, parse_cyrus_conf, parse_imapd_conf, parse_listen,
                                 parse_switch)
+from cyrushelper import channels
+from cyrushelper.channels import entry_channel
 from testbed.pair import write_lab_configs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +31,7 @@ DEBIAN = DATA / "debian"
 # The lab pair's configuration exactly as the test bed renders it (never a hand copy that drifts).
 LABDIR = "/srv/cyrus-lab"
 _LAB_TMP = tempfile.mkdtemp(prefix="cyrushelper-labconf-")
+os.chmod(_LAB_TMP, 0o755)  # cyr_info (system tests below) reads them as user cyrus
 atexit.register(shutil.rmtree, _LAB_TMP, True)
 LAB = write_lab_configs(Path(_LAB_TMP) / "lab", root=LABDIR)  # "lab/…" in test ids, as before
 FEDORA = DATA / "fedora"
@@ -82,7 +85,7 @@ def test_debian_imapd_conf():
     assert conf.master_pid_file == Path("/var/lib/cyrus/master.pid")
     assert conf.master_ready_file == Path("/var/lib/cyrus/master.ready")
     assert [(c.name, c.sync_dir, c.host) for c in conf.channels] == [(None, Path("/var/lib/cyrus/sync"), None)]
-    assert conf.writable_paths == [Path(p) for p in (
+    assert [w.path for w in conf.writable_paths] == [Path(p) for p in (
         "/var/lib/cyrus", "/var/spool/cyrus/mail", "/var/spool/cyrus/news", "/run/cyrus/proc",
         "/run/cyrus/lock", "/var/spool/sieve", "/run/cyrus/socket")]
 
@@ -136,13 +139,13 @@ def test_lab_primary_rolling():
     assert channel.shutdown_file == p / "config/sync/shutdown"
     assert inst.sync_dirs == [p / "config/sync"]
     [client] = inst.sync_client_entries
-    assert (client.section, client.name, client.channel) == ("DAEMON", "syncclient", None)
+    assert (client.section, client.name, entry_channel(client)) == ("DAEMON", "syncclient", None)
     assert client.config_path == p / "imapd.conf"
     assert client.cmd == ["sync_client", "-C", str(p / "imapd.conf"), "-r"]
     assert [(e.name, str(li), li.connect_address()) for e, li in inst.listeners] == [
         ("imap", "127.0.0.1:11143", (socket.AF_INET, ("127.0.0.1", 11143))),
         ("lmtp", "127.0.0.1:11024", (socket.AF_INET, ("127.0.0.1", 11024)))]
-    assert inst.imapd.writable_paths == [p / "config", p / "spool", p / "config/proc", p / "config/lock",
+    assert [w.path for w in inst.imapd.writable_paths] == [p / "config", p / "spool", p / "config/proc", p / "config/lock",
                                          p / "sieve", p / "config/socket", p / "config/sync"]
     assert inst.is_replica is False
     # -C names the deployed path, not this copy: reported, not refused
@@ -177,9 +180,10 @@ def test_warning_for_sync_client_of_a_channel_nobody_writes(tmp_path):
     cc = write(tmp_path / "cyrus.conf", f'DAEMON {{\n  sc1 cmd="sync_client -C {conf} -r -n repl1"\n'
                                         f'  sc0 cmd="sync_client -C {conf} -r"\n}}\n')
     inst = Instance.load(conf, cc)
-    assert [e.channel for e in inst.sync_client_entries] == ["repl1", None]
-    assert inst.warnings == [f"{cc}:3: sync_client entry 'sc0' reads channel 'default', which "
-                             "sync_log_channels does not write"]
+    assert [entry_channel(e) for e in inst.sync_client_entries] == ["repl1", None]
+    assert channels.warnings(inst) == [f"{cc}:3: sync_client entry 'sc0' reads channel 'default', "
+                                       "which sync_log_channels does not write"]
+    assert inst.warnings == []  # channel policy is channels.py's, not the config model's
 
 
 # --------------------------------------------------------------------------- Fedora layout
@@ -197,7 +201,7 @@ def test_fedora_style_instance():
     assert by_name["imaps"][1].port_number == socket.getservbyname("imaps", "tcp")
     assert by_name["imaplocal6"][1].connect_address() == (socket.AF_INET6, ("::1", 8143))
     assert by_name["lmtpunix"][1].connect_address() == (socket.AF_UNIX, "/var/lib/imap/socket/lmtp")
-    assert inst.imapd.writable_paths == [Path(p) for p in (
+    assert [w.path for w in inst.imapd.writable_paths] == [Path(p) for p in (
         "/var/lib/imap", "/var/spool/imap", "/var/lib/imap/proc", "/var/lib/imap/lock", "/var/lib/imap/sieve",
         "/var/lib/imap/socket")]
     assert inst.pid_file == Path("/var/lib/imap/master.pid")
@@ -342,7 +346,7 @@ def test_configdirectory_is_expanded_only_at_the_start(tmp_path):
                                   "master_pid_file: {configdirectory}/run/master.pid\n"
                                   "master_ready_file: /run/cyrus/ready\n")
     assert conf.proc_path == Path("/var/lib/cyrus-test/proc2")
-    assert Path("/srv{configdirectory}") in conf.writable_paths
+    assert Path("/srv{configdirectory}") in [w.path for w in conf.writable_paths]
     assert conf.master_pid_file == Path("/var/lib/cyrus-test/run/master.pid")
     assert conf.master_ready_file == Path("/run/cyrus/ready")
 
@@ -362,17 +366,27 @@ def test_writable_paths_lists_every_directory_cyrus_writes(tmp_path):
                                   "master_pid_file: /run/cyrus/master.pid\n"
                                   "sync_log: 1\nsync_log_channels: \"\" r1\n"
                                   "r1_sync_shutdown_file: /run/cyrus/r1/stop\n")
-    assert conf.writable_paths == [Path(p) for p in (
+    assert [w.path for w in conf.writable_paths] == [Path(p) for p in (
         "/var/lib/cyrus-test", "/srv/spool", "/srv/meta", "/srv/archive", "/srv/xapian", "/run/cyrus/proc",
         "/run/cyrus/lock", "/var/spool/sieve", "/var/tmp/cyrus", "/run/cyrus/socket", "/run/cyrus/notify",
         "/run/cyrus/pts", "/run/cyrus", "/var/cache/cyrus", "/var/lib/cyrus-test/cache", "/run/cyrus/r1")]
+    # each path carries the option and the line it comes from (for messages that point at it)
+    lines = {key: n for n, key in enumerate((line.split(":")[0] for line in conf.path.read_text().splitlines()), 1)}
+    for w in conf.writable_paths:
+        assert w.where == (str(conf.path), lines[w.option]), w
+    by_path = {w.path: w.option for w in conf.writable_paths}
+    assert by_path[Path("/var/lib/cyrus-test/cache")] == "statuscache_db_path"
+    assert by_path[Path("/run/cyrus/r1")] == "r1_sync_shutdown_file"
 
 
 def test_writable_paths_defaults_when_nothing_is_set(tmp_path):
     conf = imapd(tmp_path, BASE)
     c = Path("/var/lib/cyrus-test")
     # Cyrus's own defaults: proc/lock/socket/pid under configdirectory, sievedir /usr/sieve.
-    assert conf.writable_paths == [c, c / "proc", c / "lock", Path("/usr/sieve"), c / "socket"]
+    assert [w.path for w in conf.writable_paths] == [c, c / "proc", c / "lock", Path("/usr/sieve"), c / "socket"]
+    # a default derived from configdirectory points at configdirectory's line
+    assert {w.where for w in conf.writable_paths} == {conf.where("configdirectory")}
+    assert [w.option for w in conf.writable_paths] == ["configdirectory", None, None, None, None]
 
 
 @pytest.mark.parametrize("line", ["proc_path: run/proc", "lmtpsocket: socket/lmtp", "quota_db_path: quota.db",
@@ -406,7 +420,7 @@ def test_cyrus_conf_syntax_master_accepts(tmp_path):
     assert [e.args for e in conf.section("EVENTS")] == [{"cmd": "cyr_expire -E 3", "at": "0401"},
                                                         {"cmd": "cyr_expire -E 4", "period": "60"}]
     [sc] = conf.sync_clients
-    assert (sc.channel, sc.config_path, sc.wait) == ("repl1", Path("/etc/b.conf"), True)
+    assert (entry_channel(sc), sc.config_path, sc.wait) == ("repl1", Path("/etc/b.conf"), True)
 
 
 def test_cmd_is_split_at_whitespace_without_shell_quoting(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import drain as drain_mod
-from cyrushelper import exitcodes, state
+from cyrushelper import channels, exitcodes, state
 from cyrushelper.config import Instance
 from cyrushelper.locks import ChannelLock, LockBusy, channel_lock_path
 from cyrushelper.notify import Notifier, Pulse
@@ -392,11 +392,11 @@ def test_rolling_sync_client_on_the_channel_gives_73(fake, monkeypatch):
     rolling = subprocess.Popen([str(fake.bindir / "sync_client"), "-C", str(fake.imapd_conf), "-r"])
     try:
         for _ in range(100):  # until the interpreter shows up with its script name
-            if drain_mod.find_sync_readers(fake.imapd_conf, None):
+            if channels.find_sync_readers(fake.imapd_conf, None):
                 break
             time.sleep(0.02)
-        assert [pid for pid, _ in drain_mod.find_sync_readers(fake.imapd_conf, None)] == [rolling.pid]
-        assert drain_mod.find_sync_readers(fake.imapd_conf, "other") == []
+        assert [pid for pid, _ in channels.find_sync_readers(fake.imapd_conf, None)] == [rolling.pid]
+        assert channels.find_sync_readers(fake.imapd_conf, "other") == []
         report = fake.drain(lock_wait=0.3)
     finally:
         rolling.kill()
@@ -594,7 +594,7 @@ def test_cli_bad_arguments(fake):
     (["sync_client", "-A", "--", "-r"], {"A": True}),
 ])
 def test_parse_sync_client_argv(argv, expected):
-    assert drain_mod._parse_sync_client_argv(argv) == expected
+    assert channels.read_options(argv[1:], channels.SYNC_CLIENT_SHORT, channels.SYNC_CLIENT_LONG) == expected
 
 
 def test_channel_lock_bounded_wait(tmp_path):

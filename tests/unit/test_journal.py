@@ -45,3 +45,29 @@ def test_journal_handler_used_when_available_under_systemd(monkeypatch):
     assert type(handlers[0]).__name__ == "JournalHandler"
     journal.setup_logging()  # idempotent: still one handler
     assert len(logging.getLogger("cyrushelper").handlers) == 1
+
+
+def test_instance_and_channel_fields_reach_every_record(monkeypatch):
+    """journalctl CYRUS_INSTANCE=… SYNC_CHANNEL=… finds the lines: the fields are on the records
+    the handler emits, from child loggers too (JournalHandler sends record attributes as fields)."""
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    journal.setup_logging(instance="primary")
+    seen = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    [handler] = logging.getLogger("cyrushelper").handlers
+    capture = Capture()
+    for f in handler.filters:
+        capture.addFilter(f)
+    logging.getLogger("cyrushelper").addHandler(capture)
+    try:
+        logging.getLogger("cyrushelper.drain").info("drained", extra=journal.channel_field("repl2"))
+        logging.getLogger("cyrushelper").info("plain")
+    finally:
+        logging.getLogger("cyrushelper").removeHandler(capture)
+    assert [(r.CYRUS_INSTANCE, getattr(r, "SYNC_CHANNEL", None)) for r in seen] == [
+        ("primary", "repl2"), ("primary", None)]

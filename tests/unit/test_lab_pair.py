@@ -9,6 +9,7 @@ import time
 import pytest
 
 from cyrushelper.config import Instance
+from cyrushelper.channels import entry_channel
 from testbed.pair import CyrusPair, LabError, Ports, SyslogSink, fill, port_free, template_text
 
 
@@ -74,7 +75,7 @@ def test_rolling_adds_one_daemon_sync_client_per_channel(tmp_path):
     pair = CyrusPair(tmp_path, port_base=13000, rolling=True, channels=["", "second"])
     inst = load(pair, "primary")
     entries = inst.sync_client_entries
-    assert [(e.section, e.channel) for e in entries] == [("DAEMON", None), ("DAEMON", "second")]
+    assert [(e.section, entry_channel(e)) for e in entries] == [("DAEMON", None), ("DAEMON", "second")]
     assert all("-r" in e.cmd and e.config_path == pair.primary_imapd_conf for e in entries)
     assert inst.warnings == []
 

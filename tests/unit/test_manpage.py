@@ -4,12 +4,20 @@ and groff formats it without a warning."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from cyrushelper import cli, exitcodes, manpage
+from cyrushelper import cli, exitcodes
+
+ROOT = Path(__file__).resolve().parents[2]
+# packaging/ is not a Python package (its name would shadow the `packaging` library): load by path
+_spec = importlib.util.spec_from_file_location("cyrushelper_manpage", ROOT / "packaging" / "manpage.py")
+manpage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(manpage)
 
 
 def test_every_subcommand_and_option_is_in_the_manual():

@@ -374,7 +374,7 @@ def test_leftover_events_with_rolling_client_are_left_to_it(short_tmp, notify, h
 
 def test_rolling_channels_reads_flags():
     from cyrushelper.config import Instance
-    from cyrushelper.supervisor import rolling_channels
+    from cyrushelper.channels import rolling_channels
     with tempfile.TemporaryDirectory() as d:
         fake = FakeCyrus(Path(d), channels='"" repl2',
                          sync_client_entry='s2 cmd="sync_client -C x -vr -n repl2"')

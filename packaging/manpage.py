@@ -1,20 +1,24 @@
 """cyrushelper(8), generated from the argparse definitions so the manual cannot drift from --help.
 
-    python3 -m cyrushelper.manpage [--output FILE]
+    python3 packaging/manpage.py [--output FILE]
 
-The Debian and Fedora builds run this at build time and install the result; a test renders it with
-groff and checks that every subcommand and option is in it.
+The Debian and Fedora builds run this at build time, from the source tree they package, and install
+the result; tests/unit/test_manpage.py renders it with groff and checks that every subcommand and
+option is in it. It lives beside the packaging, not in the package: it reads the whole command line
+(cyrushelper.cli), which no module of the package may import.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
+from pathlib import Path
 
-from cyrushelper import __version__, cli, exitcodes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the source tree being packaged
+
+from cyrushelper import __version__, cli, exitcodes  # noqa: E402
 
 SEE_ALSO = "systemd.service(5), systemd.kill(5), systemctl(1), master(8), sync_client(8), imapd.conf(5), cyrus.conf(5)"
 
@@ -80,13 +84,12 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m cyrushelper.manpage", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="packaging/manpage.py", description=__doc__.splitlines()[0])
     parser.add_argument("--output", "-o", metavar="FILE", help="write here (default: standard output)")
     args = parser.parse_args(argv)
     text = render()
     if args.output:
-        from cyrushelper.atomic import write_atomic
-        write_atomic(args.output, text, 0o644)
+        Path(args.output).write_text(text)
     else:
         sys.stdout.write(text)
     return 0
