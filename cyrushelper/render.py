@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from cyrushelper import arguments, exitcodes
+from cyrushelper import arguments, exitcodes, role
 from cyrushelper.atomic import symlink_atomic, write_atomic
 from cyrushelper.config import DEFAULT_IMAPD_CONF, ConfigError, Instance
 
@@ -163,7 +163,7 @@ def writable_paths(inst: Instance) -> list[WritablePath]:
     # configdirectory is the one required path (imapd.conf's list starts with it)
     found: list[tuple[PurePosixPath, bool]] = [(_safe_path(item.path, item.where), item.option == "configdirectory")
                                                for item in inst.imapd.writable_paths]
-    for entry in inst.cyrus.entries:
+    for entry in [e for conf in (inst.cyrus_by_role.values() or [inst.cyrus]) for e in conf.entries]:
         listen = entry.listen
         if listen is not None and listen.kind == "unix":
             found.append((_safe_path(listen.path.parent, (entry.path, entry.line)), False))
@@ -216,7 +216,7 @@ def runtime_dirs(paths: list[WritablePath]) -> list[str]:
 
 def render(inst: Instance, helper: str | None = None, *, replica_instance: str | None = None,
            unit_imapd_conf: str | None = None, unit_cyrus_conf: str | None = None,
-           templates: dict[str, str] | None = None) -> list[RenderedFile]:
+           templates: dict[str, str] | None = None, initial_role: str | None = None) -> list[RenderedFile]:
     """Every file of the output, in memory. Raises ConfigError before anything is written.
     `helper`: the --helper path (None: the running cyrushelper)."""
     name = check_instance_name(inst.name)
@@ -225,7 +225,16 @@ def render(inst: Instance, helper: str | None = None, *, replica_instance: str |
         if replica_instance == name:
             raise ConfigError("--replica-instance", None, "an instance cannot be its own replica")
     imapd_conf = _safe_path(unit_imapd_conf or os.path.abspath(inst.imapd.path), ("--imapd-conf", None))
-    cyrus_conf = _safe_path(unit_cyrus_conf or os.path.abspath(inst.cyrus.path), ("--cyrus-conf", None))
+    primary_cyrus = inst.cyrus_by_role.get("primary", inst.cyrus)
+    cyrus_conf = _safe_path(unit_cyrus_conf or os.path.abspath(primary_cyrus.path), ("--cyrus-conf", None))
+    replica_cyrus_conf = None
+    if inst.switchable:
+        role.check_switchable(inst)
+        if initial_role not in role.ROLES:
+            raise ConfigError("--initial-role", None, "a switchable instance (--replica-cyrus-conf) needs "
+                                                      "--initial-role primary|replica")
+        replica_cyrus_conf = _safe_path(os.path.abspath(inst.cyrus_by_role["replica"].path),
+                                        ("--replica-cyrus-conf", None))
     paths = writable_paths(inst)
     volatile = runtime_dirs(paths)
     cyrus_user = inst.imapd.get("cyrus_user", "cyrus")
@@ -243,6 +252,8 @@ def render(inst: Instance, helper: str | None = None, *, replica_instance: str |
         "instance": name,
         "imapd_conf": str(imapd_conf),
         "cyrus_conf": str(cyrus_conf),
+        "replica_cyrus_conf": str(replica_cyrus_conf) if replica_cyrus_conf else None,
+        "initial_role": initial_role,
         "replica_instance": replica_instance,
         "conflicts_packaged": packaged,
         "writable_paths": [(str(w.path), w.required) for w in paths],
@@ -365,7 +376,7 @@ def main(args: argparse.Namespace) -> int:
         written = generate(inst, output, args.helper, force=args.force,
                            replica_instance=args.replica_instance,
                            unit_imapd_conf=args.unit_imapd_conf, unit_cyrus_conf=args.unit_cyrus_conf,
-                           templates=load_templates(args.templates))
+                           templates=load_templates(args.templates), initial_role=args.initial_role or None)
     except OutputConflict as e:
         print(f"cyrushelper generate: {e}", file=sys.stderr)
         return exitcodes.FAILURE

@@ -10,13 +10,14 @@ SDV=$(dpkg-query -W -f='${Version}' systemd)
 # install test runs it untouched); nspawn for the throwaway systemd; libsystemd-dev etc. to build
 # systemd-python; debhelper..lintian build and check the Debian package, rpm..python3-installer the
 # Fedora one (tests/system/test_packaging_{deb,rpm}.py); debootstrap builds the other Debian
-# release's root for its containers (testbed/images.py).
+# release's root for its containers (testbed/images.py); openssh-server gives the two-host
+# switchover test its sshd (run inside a container only).
 PKGS="cyrus-imapd cyrus-common cyrus-replication cyrus-admin cyrus-clients sasl2-bin
       cyrus-pop3d cyrus-nntpd cyrus-caldav
       systemd-container=$SDV libsystemd-dev=$SDV pkg-config gcc python3-venv python3-dev
       debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-jinja2
       python3-pyinotify python3-sdnotify python3-packaging python3-pytest python3-hypothesis
-      dpkg-dev fakeroot lintian rpm rpmlint python3-build python3-installer debootstrap"
+      dpkg-dev fakeroot lintian rpm rpmlint python3-build python3-installer debootstrap openssh-server"
 missing=""
 for p in $PKGS; do
   name=${p%%=*}
