@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,51 +51,6 @@ class StopMeasure:
     @property
     def total_left(self) -> int:
         return sum(self.lines_left.values())
-
-
-# --- for the switchover test bed (testbed/switchlab.py, tests/system/test_readme_recipe.py) only: it
-# still runs the development venv's cyrushelper, with a drop-in that relaxes the sandbox; LabSystem
-# (every other e2e test) installs the wheel under /opt instead (testbed/product.py).
-
-def helper_path() -> str:
-    """The cyrushelper console script of the running interpreter's environment."""
-    candidate = Path(sys.prefix) / "bin" / "cyrushelper"
-    if not candidate.exists():
-        raise FileNotFoundError(f"{candidate} missing: install the package (pip install -e .)")
-    return str(candidate)
-
-
-HIDDEN_FROM_UNITS = ("/tmp/", "/var/tmp/", "/root/", "/home/")  # PrivateTmp=, ProtectHome=
-
-
-def hidden_paths() -> list[str]:
-    """Where this checkout and its interpreter live, if the unit's sandbox would hide them."""
-    repo = Path(__file__).resolve().parents[1]
-    candidates = [str(repo), str(Path(sys.prefix).resolve()), str(Path(sys.base_prefix).resolve())]
-    hidden = []
-    for path in candidates:
-        if (path + "/").startswith(HIDDEN_FROM_UNITS) and path not in hidden:
-            hidden.append(path)
-    return hidden
-
-
-def install_lab_dropins(container: SystemdContainer, instances: tuple[str, ...],
-                        extra: dict[str, str] | None = None) -> None:
-    """A test-bed adaptation, not product: this checkout or its Python lives where the unit's
-    PrivateTmp=/ProtectHome= hide it (CI may clone anywhere); bind it back read-only. (ProtectHome=yes
-    hides /root and /home beneath binds too: relax it to read-only.) Then daemon-reload."""
-    lab_dropin = ""
-    hidden = hidden_paths()
-    if hidden:
-        lab_dropin += "[Service]\n" + "".join(
-            "ProtectHome=read-only\n" if p.startswith(("/root/", "/home/")) else f"BindReadOnlyPaths={p}\n"
-            for p in hidden)
-    for name in instances:
-        text = lab_dropin + (extra or {}).get(name, "")
-        if text:
-            container.run("sh", "-c", f"mkdir -p /etc/systemd/system/cyrus@{name}.service.d && "
-                                      f"cat > /etc/systemd/system/cyrus@{name}.service.d/lab.conf", input=text)
-    container.systemctl("daemon-reload")
 
 
 class LabSystem:
