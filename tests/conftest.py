@@ -158,6 +158,7 @@ def cyrus_pair(cyrus_pair_factory) -> CyrusPair:
 # ---- throwaway systemd container (helper B) ----
 
 from testbed.container import SystemdContainer, unavailable_reason  # noqa: E402
+from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 
 def require_container_host() -> None:
@@ -206,15 +207,14 @@ def wheelhouse(tmp_path_factory):
 
 @pytest.fixture
 def lab_factory(request, wheelhouse):
-    """make(rolling=True, ...) -> a testbed.scenario.LabSystem (pair created, cyrushelper installed
-    from the wheel into /opt/cyrushelper) in a freshly booted container."""
+    """make(rolling=True, ...) -> a LabSystem (pair created, cyrushelper installed from the wheel
+    into /opt/cyrushelper) in a freshly booted container (testbed.scenario: the pair run by systemd
+    units, the end-to-end tests' test bed)."""
     require_root_and_cyrus()
     require_container_host()
     made = []
 
-    from testbed.scenario import LabSystem, new_workdir
-
-    def make(rolling: bool = True, **kwargs) -> "LabSystem":
+    def make(rolling: bool = True, **kwargs) -> LabSystem:
         workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
         container = SystemdContainer(workdir).__enter__()
         made.append((workdir, container))
