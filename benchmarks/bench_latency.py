@@ -35,11 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import add_entry, helper_command  # noqa: E402
+from benchlib import add_entry, install_product  # noqa: E402
 from cyrushelper.synclog import count_lines  # noqa: E402
 from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
 from testbed.observe import Observer  # noqa: E402
+from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 PRIMARY, REPLICA = "cyrus@primary.service", "cyrus@replica.service"
@@ -131,13 +132,12 @@ def status_latency(tap: Observer, final: int, last_write: float, timeout: float 
         time.sleep(0.1)
 
 
-def trial(args) -> dict:
+def trial(args, house: Wheelhouse) -> dict:
     workdir = new_workdir("bench-latency")
     try:
         with SystemdContainer(workdir, root=images.container_root(args.release)) as box:
-            lab = LabSystem(box, workdir, rolling=False)
-            lab.helper = helper_command(workdir, args.release) or lab.helper
-            lab.create()
+            lab = LabSystem(box, workdir, rolling=False).create()
+            install_product(lab, house, args.release)
             tap_path = workdir / "notify.sock"
             lab.install_cyrushelper_units(extra_dropin={"primary": f"[Service]\nEnvironment=NOTIFY_SOCKET={tap_path}\n"})
             config = lab.pair.config_dir("primary")
@@ -208,11 +208,14 @@ def main() -> int:
     parser.add_argument("--slow-start", type=float, default=1.0, help="seconds of the slow START entry")
     args = parser.parse_args()
     runs = []
+    scratch = new_workdir("bench-wheel")
+    house = build_wheelhouse(scratch / "build")   # the product as users install it
     for i in range(args.trials):
-        r = trial(args)
+        r = trial(args, house)
         runs.append(r)
         print(f"trial {i + 1}: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in r.items()), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n{args.trials} trials, {args.release}, burst {args.burst} messages\n")
     print("| figure | median | min | max | goal |")
     print("|---|---|---|---|---|")

@@ -36,20 +36,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import add_entry, helper_command  # noqa: E402
+from benchlib import add_entry, install_product  # noqa: E402
 from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
 from testbed.observe import Observer  # noqa: E402
+from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 CONTESTANTS = ("cyrushelper", "stock", "replica")
 
 
-def trial(kind: str, warmup: int) -> dict:
+def trial(kind: str, warmup: int, house: Wheelhouse) -> dict:
     workdir = new_workdir(f"bench-{kind}")
     try:
         with SystemdContainer(workdir) as box:
-            lab = LabSystem(box, workdir, rolling=True).create()
+            lab = LabSystem(box, workdir, wheelhouse=house, rolling=True).create()
             lab.install_cyrushelper_units()
             if kind == "stock":
                 unit = lab.install_stock_unit()
@@ -89,13 +90,12 @@ BARE_DRAIN = ("import json, sys; from testbed.pair import CyrusPair\n"
               "print(json.dumps({'seconds': r.seconds, 'complete': r.complete}))\n")
 
 
-def overhead_trial(args) -> dict:
+def overhead_trial(args, house: Wheelhouse) -> dict:
     workdir = new_workdir("bench-overhead")
     try:
         with SystemdContainer(workdir, root=images.container_root(args.release)) as box:
-            lab = LabSystem(box, workdir, rolling=False)
-            lab.helper = helper_command(workdir, args.release) or lab.helper
-            lab.create()
+            lab = LabSystem(box, workdir, rolling=False).create()
+            install_product(lab, house, args.release)
             slow = workdir / "slow-exit"
             slow.write_text(SLOW_EXIT)
             slow.chmod(0o755)
@@ -145,8 +145,10 @@ def overhead_trial(args) -> dict:
 
 def overhead(args) -> int:
     runs = []
+    scratch = new_workdir("bench-wheel")
+    house = build_wheelhouse(scratch / "build")   # the product as users install it
     for i in range(args.trials):
-        r = overhead_trial(args)
+        r = overhead_trial(args, house)
         runs.append(r)
         print(f"trial {i + 1}: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in r.items()), flush=True)
@@ -159,6 +161,7 @@ def overhead(args) -> int:
             print(f"| {key} | {sum(values)} of {len(values)} | | |")
         else:
             print(f"| {key} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
+    shutil.rmtree(scratch, ignore_errors=True)
     worst = max(max(r["ours_overhead_s"], r["hang_overhead_s"]) for r in runs)
     print(f"\nworst overhead {worst:.3f} s (goal <= 0.5 s in every trial: {'ok' if worst <= 0.5 else 'MISSED'})")
     return 0
@@ -180,9 +183,11 @@ def main() -> int:
         return overhead(args)
     chosen = [k for k in CONTESTANTS if not args.only or k in args.only]
     runs: dict[str, list[dict]] = {k: [] for k in chosen}
+    scratch = new_workdir("bench-wheel")
+    house = build_wheelhouse(scratch / "build")   # the product as users install it
     for i in range(args.trials):
         for kind in chosen if i % 2 == 0 else list(reversed(chosen)):
-            r = trial(kind, args.warmup)
+            r = trial(kind, args.warmup, house)
             runs[kind].append(r)
             print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s result={r['result']} "
                   f"lines_left={r['lines_left']} acknowledged={r['acknowledged']} missing={r['missing']} "
@@ -207,6 +212,7 @@ def main() -> int:
         ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
         stock = statistics.median(r["seconds"] for r in runs["stock"])
         print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
+    shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

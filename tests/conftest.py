@@ -194,10 +194,22 @@ def systemd_container(tmp_path):
         print(f"--- container journal (boot {box.boot_seconds:.2f}s) ---\n{journal}")
 
 
+# ---- the product as users install it (testbed/product.py) ----
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory):
+    """The wheel of this checkout plus every dependency's wheel, built once per session on the host
+    (containers have no network); LabSystem installs it into a fresh venv under /opt per container."""
+    require_root_and_cyrus()
+    from testbed.product import build_wheelhouse
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
 @pytest.fixture
-def lab_factory(request):
-    """make(rolling=True, ...) -> a LabSystem (pair created) in a freshly booted container
-    (testbed.scenario: the pair run by systemd units, the end-to-end tests' test bed)."""
+def lab_factory(request, wheelhouse):
+    """make(rolling=True, ...) -> a LabSystem (pair created, cyrushelper installed from the wheel
+    into /opt/cyrushelper) in a freshly booted container (testbed.scenario: the pair run by systemd
+    units, the end-to-end tests' test bed)."""
     require_root_and_cyrus()
     require_container_host()
     made = []
@@ -206,7 +218,7 @@ def lab_factory(request):
         workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
         container = SystemdContainer(workdir).__enter__()
         made.append((workdir, container))
-        return LabSystem(container, workdir, rolling=rolling, **kwargs).create()
+        return LabSystem(container, workdir, wheelhouse=wheelhouse, rolling=rolling, **kwargs).create()
 
     yield make
     for workdir, container in made:

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture
-def factory(request):
+def factory(request, wheelhouse):
     require_root_and_cyrus()
     require_container_host()
-    f = SwitchLabFactory(request.node.name[:30])
+    f = SwitchLabFactory(request.node.name[:30], wheelhouse)
     yield f
     print(f.journals())
     f.close(keep=bool(os.environ.get("CYRUSHELPER_KEEP_LAB")))
