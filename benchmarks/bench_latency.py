@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import add_entry, install_product  # noqa: E402
+from benchlib import add_entry  # noqa: E402
 from cyrushelper.synclog import count_lines  # noqa: E402
 from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
@@ -136,8 +136,7 @@ def trial(args, house: Wheelhouse) -> dict:
     workdir = new_workdir("bench-latency")
     try:
         with SystemdContainer(workdir, root=images.container_root(args.release)) as box:
-            lab = LabSystem(box, workdir, rolling=False).create()
-            install_product(lab, house, args.release)
+            lab = LabSystem(box, workdir, wheelhouse=house, rolling=False).create()
             tap_path = workdir / "notify.sock"
             lab.install_cyrushelper_units(extra_dropin={"primary": f"[Service]\nEnvironment=NOTIFY_SOCKET={tap_path}\n"})
             config = lab.pair.config_dir("primary")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import add_entry, install_product  # noqa: E402
+from benchlib import add_entry  # noqa: E402
 from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
 from testbed.observe import Observer  # noqa: E402
@@ -94,8 +94,7 @@ def overhead_trial(args, house: Wheelhouse) -> dict:
     workdir = new_workdir("bench-overhead")
     try:
         with SystemdContainer(workdir, root=images.container_root(args.release)) as box:
-            lab = LabSystem(box, workdir, rolling=False).create()
-            install_product(lab, house, args.release)
+            lab = LabSystem(box, workdir, wheelhouse=house, rolling=False).create()
             slow = workdir / "slow-exit"
             slow.write_text(SLOW_EXIT)
             slow.chmod(0o755)

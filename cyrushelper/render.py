@@ -251,6 +251,14 @@ def runtime_dirs(paths: list[WritablePath]) -> list[str]:
             and not _under(w.path, (PurePosixPath("/run/user"),))]
 
 
+def uses_saslauthd(inst: Instance) -> bool:
+    """Whether any sasl_pwcheck_method (plain or per service, `imap_sasl_pwcheck_method`) names
+    saslauthd: only then is the instance ordered after saslauthd.service (ordering after a unit
+    that is not needed made systemd 257's `verify` lint Debian 13's own saslauthd.service)."""
+    return any(key.endswith("sasl_pwcheck_method") and "saslauthd" in opt.value.split()
+               for key, opt in inst.imapd.options.items())
+
+
 def render(inst: Instance, helper: str | None = None, *, replica_instance: str | None = None,
            unit_imapd_conf: str | None = None, unit_cyrus_conf: str | None = None,
            templates: dict[str, tuple[str, str]] | None = None, initial_role: str | None = None) -> list[RenderedFile]:
@@ -303,6 +311,7 @@ def render(inst: Instance, helper: str | None = None, *, replica_instance: str |
         "cyrus_user": cyrus_user,
         "cyrus_owner": f"{cyrus_user}:{cyrus_group or ''}",
         "home_writable": home_writable,
+        "uses_saslauthd": uses_saslauthd(inst),
     }
 
     def file(relpath: str, template: str) -> RenderedFile:

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Install what cyrushelper's demo and tests need on Debian 12, as root, idempotently:
-# Cyrus 3.6 from Debian, systemd-nspawn pinned to the installed systemd (an unpinned install
+# Install what cyrushelper's demo and tests need on Debian 12 or 13, as root, idempotently:
+# Cyrus from Debian (3.6 on 12, 3.10 on 13), systemd-nspawn pinned to the installed systemd (an unpinned install
 # would upgrade systemd itself), libsystemd-dev for the systemd-python extra, and a venv in .venv.
 set -eu
 cd "$(dirname "$0")/.."
@@ -18,6 +18,9 @@ PKGS="cyrus-imapd cyrus-common cyrus-replication cyrus-admin cyrus-clients sasl2
       debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-jinja2
       python3-sdnotify python3-packaging python3-pytest python3-hypothesis
       dpkg-dev fakeroot lintian rpm rpmlint python3-build python3-installer debootstrap openssh-server"
+# systemd.pc (the package build asks it for the unit directory) is in systemd-dev since Debian 13
+. /etc/os-release
+[ "${VERSION_CODENAME:-}" = bookworm ] || PKGS="$PKGS systemd-dev=$SDV"
 missing=""
 for p in $PKGS; do
   name=${p%%=*}

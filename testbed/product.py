@@ -15,12 +15,18 @@ and no drop-in reaches the units: they run the product and the sandbox exactly a
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from testbed import images
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PRODUCT_VENV = "/opt/cyrushelper"
@@ -77,14 +83,38 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
     return r
 
 
-def build_wheelhouse(scratch: Path) -> Wheelhouse:
-    """Build the wheel of this checkout and gather every wheel an offline install needs."""
+def requirements_for(wheel: Path, python: str) -> list[str]:
+    """The wheel's runtime requirements whose markers hold on Python `python` (e.g. "3.13"): pip
+    download evaluates python_version markers with the interpreter running it, not the target."""
+    with zipfile.ZipFile(wheel) as z:
+        metadata = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(metadata).decode().splitlines()
+    environment = {"python_version": python, "python_full_version": f"{python}.0", "extra": ""}
+    wanted = []
+    for line in lines:
+        if line.startswith("Requires-Dist: "):
+            req = Requirement(line.split(": ", 1)[1])
+            if req.marker is None or req.marker.evaluate(environment):
+                wanted.append(f"{req.name}{req.specifier}")
+    return wanted
+
+
+def build_wheelhouse(scratch: Path, pythons: tuple[str, ...] = tuple(sorted(set(images.PYTHON.values())))
+                     ) -> Wheelhouse:
+    """Build the wheel of this checkout and gather every wheel an offline install needs, for each
+    Debian release's Python (compiled ones, e.g. MarkupSafe, differ per Python version)."""
     source = source_tree(scratch / "src")
     directory = scratch / "wheels"
     # -v: setuptools' own warnings are shown only in verbose mode
     built = _pip("wheel", "-v", "--wheel-dir", str(directory), str(source))
-    _pip("download", "--only-binary", ":all:", "--dest", str(directory), "setuptools")
-    return Wheelhouse(directory, source, built.stdout + built.stderr)
+    house = Wheelhouse(directory, source, built.stdout + built.stderr)
+    for python in pythons:
+        tag = python.replace(".", "")
+        # pure wheels built above (sdnotify ships no wheel) are found in the wheelhouse
+        _pip("download", "--only-binary", ":all:", "--python-version", python, "--implementation", "cp",
+             "--abi", f"cp{tag}", "--platform", f"manylinux2014_{platform.machine()}", "--find-links",
+             str(directory), "--dest", str(directory), *requirements_for(house.wheel, python), "setuptools")
+    return house
 
 
 def install(container, house_inside: str | Path, venv: str = PRODUCT_VENV) -> str:

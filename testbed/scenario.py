@@ -159,20 +159,22 @@ class LabSystem:
         self._loads += 1
         unit = f"lab-load-{self._loads}.service"
         record = self.workdir / f"load-{self._loads}.record"
+        self.lab_unit(unit, "load", "--record", str(record), "--seconds", str(seconds), "--users", users,
+                      "--pause", str(pause))
+        return unit, record
+
+    def lab_unit(self, unit: str, command: str, *args: str) -> None:
+        """A test-bed step (`python -m testbed COMMAND ROOT …`) as a transient unit in the container."""
         self.c.run("systemd-run", f"--unit={unit}", "--quiet", "--property=KillMode=mixed",
                    *[f"--setenv={k}={v}" for k, v in self.c.python_env.items()],
-                   self.python, "-m", "testbed", "load", str(self.pair.root),
-                   "--port-base", str(self.pair.port_base), "--record", str(record),
-                   "--seconds", str(seconds), "--users", users, "--pause", str(pause))
-        return unit, record
+                   self.python, "-m", "testbed", command, str(self.pair.root),
+                   "--port-base", str(self.pair.port_base), *args)
 
     def start_relay(self, rate: float) -> tuple[str, Path]:
         """The throttling relay (testbed.relay) on the pair's relay port as a transient unit;
         returns (unit, record file with the bytes forwarded)."""
         unit, record = "lab-relay.service", self.workdir / "relay.record"
-        self.c.run("systemd-run", f"--unit={unit}", "--quiet", self.python, "-m", "testbed", "relay",
-                   str(self.pair.root), "--port-base", str(self.pair.port_base), "--record", str(record),
-                   "--rate", str(rate))
+        self.lab_unit(unit, "relay", "--record", str(record), "--rate", str(rate))
         return unit, record
 
     def wait_acknowledged(self, record: Path, count: int, timeout: float = 60) -> int:

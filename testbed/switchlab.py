@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from testbed import images
 from testbed.container import SystemdContainer
 from testbed.network import PrivateLink
 from testbed.pair import LOOPBACK, SwitchablePair
@@ -171,15 +172,17 @@ class SwitchLab:
 class SwitchLabFactory:
     """Boots the containers (one, or two on a private link) and tears everything down."""
 
-    def __init__(self, tag: str, wheelhouse: Wheelhouse):
+    def __init__(self, tag: str, wheelhouse: Wheelhouse, release: str | None = None):
+        """`release`: the Debian release the containers run (None: the host's own)."""
         self.tag = tag
         self.wheelhouse = wheelhouse
+        self.root = images.container_root(release) if release else None
         self.made: list[tuple[Path, SystemdContainer]] = []
         self.links: list[PrivateLink] = []
 
     def local(self, port_base: int) -> SwitchLab:
         workdir = new_workdir(self.tag)
-        box = SystemdContainer(workdir).__enter__()
+        box = SystemdContainer(workdir, root=self.root).__enter__()
         self.made.append((workdir, box))
         return SwitchLab({"a": box, "b": box}, {"a": workdir, "b": workdir}, port_base, self.wheelhouse).create()
 
@@ -191,7 +194,8 @@ class SwitchLabFactory:
         for name in NAMES:
             workdirs[name] = base / name
             workdirs[name].mkdir()
-            boxes[name] = SystemdContainer(workdirs[name], network_namespace=link.namespace(name)).__enter__()
+            boxes[name] = SystemdContainer(workdirs[name], network_namespace=link.namespace(name),
+                                           root=self.root).__enter__()
             self.made.append((workdirs[name], boxes[name]))
         lab = SwitchLab(boxes, workdirs, port_base, self.wheelhouse, addresses={n: link.address(n) for n in NAMES})
         setup_ssh(lab)

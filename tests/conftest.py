@@ -157,6 +157,7 @@ def cyrus_pair(cyrus_pair_factory) -> CyrusPair:
 
 # ---- throwaway systemd container (helper B) ----
 
+from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer, unavailable_reason  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
@@ -206,17 +207,24 @@ def wheelhouse(tmp_path_factory):
 
 
 @pytest.fixture
-def lab_factory(request, wheelhouse):
+def release(request) -> str:
+    """The Debian release a container boots: the host's own, unless a test is parametrized with
+    `pytest.mark.parametrize("release", images.releases_under_test(), indirect=True)`."""
+    return getattr(request, "param", images.host_release())
+
+
+@pytest.fixture
+def lab_factory(request, wheelhouse, release):
     """make(rolling=True, ...) -> a LabSystem (pair created, cyrushelper installed from the wheel
-    into /opt/cyrushelper) in a freshly booted container (testbed.scenario: the pair run by systemd
-    units, the end-to-end tests' test bed)."""
+    into /opt/cyrushelper) in a freshly booted container of `release` (testbed.scenario: the pair run
+    by systemd units, the end-to-end tests' test bed)."""
     require_root_and_cyrus()
     require_container_host()
     made = []
 
     def make(rolling: bool = True, **kwargs) -> LabSystem:
         workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
-        container = SystemdContainer(workdir).__enter__()
+        container = SystemdContainer(workdir, root=images.container_root(release)).__enter__()
         made.append((workdir, container))
         return LabSystem(container, workdir, wheelhouse=wheelhouse, rolling=rolling, **kwargs).create()
 

@@ -62,9 +62,9 @@ def control_field(name: str, paragraph: int) -> str:
 
 
 def relations(field: str) -> dict[str, str | None]:
-    """'a (>= 1), b' -> {'a': '1', 'b': None} (the >= floor; alternatives are not used here)."""
+    """'a (>= 1), b | c' -> {'a': '1', 'b': None, 'c': None} (the >= floor; each alternative listed)."""
     result = {}
-    for item in filter(None, (i.strip() for i in field.split(","))):
+    for item in filter(None, (i.strip() for part in field.split(",") for i in part.split("|"))):
         m = re.fullmatch(r"([a-z0-9][a-z0-9+.-]*|\$\{[^}]+\})\s*(?:\(\s*(<<|<=|=|>=|>>)\s*([^)\s]+)\s*\))?"
                          r"(?:\s*<[^>]*>)?", item)
         assert m, f"cannot parse relation {item!r}"
@@ -102,9 +102,15 @@ def test_every_file_the_deb_installs_exists():
 
 
 def test_deb_installs_the_shared_units_only():
-    units = {Path(s).name: dest for sources, dest in debian_install_lines()
-             for s in sources if s.startswith("units/")}
-    assert units == {"cyrus@.service": "lib/systemd/system/", "cyrus.service": "lib/systemd/system/"}
+    """units/ has exactly the shared units, and debian/rules installs both into the unit directory
+    systemd's pkg-config file names (not a fixed /lib or /usr/lib: Debian 12's dh_installsystemd looks
+    only under /lib, Debian 13's lintian refuses it); nothing else installs units."""
+    assert sorted(p.name for p in (ROOT / "units").glob("*.service")) == ["cyrus.service", "cyrus@.service"]
+    rules = (DEBIAN / "rules").read_text()
+    assert "UNITDIR := $(shell pkg-config --variable=systemdsystemunitdir systemd)" in rules
+    for name in ("cyrus@.service", "cyrus.service"):
+        assert f"install -D -m 0644 units/{name} debian/cyrushelper$(UNITDIR)/{name}" in rules
+    assert not [s for sources, _ in debian_install_lines() for s in sources if s.startswith("units/")]
 
 
 def test_templates_are_installed_with_the_module_only():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import atomic, cli, exitcodes, render
+from cyrushelper.config import Instance
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBIAN = ROOT / "tests" / "data" / "debian"
@@ -512,3 +513,14 @@ def test_a_broken_template_is_a_file_line_error(tmp_path, capsys):
     assert generate(*_base(tmp_path, out), "--templates", str(templates)) == exitcodes.CONFIG
     assert "'no_such_variable' is undefined" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_saslauthd_ordering_only_for_instances_that_use_it():
+    """After=saslauthd.service only where sasl_pwcheck_method names it (Fedora's layout does; the
+    Debian default and the lab use auxprop)."""
+    fedora = ROOT / "tests" / "data" / "fedora"
+    for conf, expected in ((fedora, True), (DEBIAN, False)):
+        files = {f.relpath: f.text for f in render.render(
+            Instance.load(conf / "imapd.conf", conf / "cyrus.conf", "x"), EXISTING_HELPER)}
+        assert ("After=saslauthd.service" in files["cyrus@x.service.d/cyrushelper.conf"]) == expected
+        assert "saslauthd.service" not in files["cyrus@.service"]  # identical for every instance
