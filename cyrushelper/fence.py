@@ -17,6 +17,11 @@ waiting for them only made every replica stop wait the whole grace (5.3 s measur
 issue 13). master's SIGTERM ends them at a safe point; the primary's client reconnects later and
 replays its `log-run` from the start, so nothing is lost.
 
+Nor are master's DAEMON and EVENTS children: Cyrus >= 3.10's master registers them in proc_path
+too (master/master.c: "we only register DAEMONs -- SERVICEs register themselves", and each event
+it forks), without client or user. They do not end because of the fence either (measured on
+3.10.2: a DAEMON entry made every stop wait the whole grace); master's SIGTERM ends them.
+
 Nothing here needs master: a socket-activated instance fences and waits the same way.
 
 """
@@ -42,6 +47,7 @@ DEFAULT_GRACE = 5.0
 
 
 REPLICATION_PROGRAMS = ("sync_server", "sync_client")
+MASTER_REGISTERED_SECTIONS = ("DAEMON", "EVENTS")   # registered by 3.10+'s master, not sessions
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ def sessions(instance: Instance, replication: bool = False) -> list[Session]:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
+    not_sessions = {e.name for e in instance.cyrus.entries if e.section in MASTER_REGISTERED_SECTIONS}
     result = []
     for name in names:
         if not name.isdigit():
@@ -124,6 +131,8 @@ def sessions(instance: Instance, replication: bool = False) -> list[Session]:
         except FileNotFoundError:
             continue  # the session ended meanwhile
         fields += [""] * 3
+        if fields[0] in not_sessions:
+            continue
         session = Session(pid, fields[0], fields[1], fields[2], _program(instance, fields[0], pid))
         if replication or not session.replication:
             result.append(session)

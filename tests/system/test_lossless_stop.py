@@ -10,7 +10,8 @@ What the product promises an operator:
 - with the replica down, the stop fails visibly inside its deadline and keeps every event;
   once the replica is back, `cyrushelper drain` replays them with nothing lost;
 - a drain longer than TimeoutStopSec completes (EXTEND_TIMEOUT_USEC pulses);
-- a child that ignores SIGTERM gives a bounded stop, an unclean marker, reported by `status`.
+- a child that ignores SIGTERM gives a bounded stop, an unclean marker, reported by `status`;
+- the fence's grace waits for user sessions only, not for master's DAEMON children (3.10 lists them).
 """
 
 from __future__ import annotations
@@ -72,6 +73,25 @@ def test_stop_under_load_is_lossless(lab_factory, release):
         assert not hung, "Cyrus with the #5309 fix hung after its last child"
     print(f"{release}: stop took {stop.seconds:.2f}s, master hung after its children: {hung}; "
           f"{report['summary']}; drain: {json.dumps(drain)[:400]}")
+
+
+def test_fence_does_not_wait_for_daemon_children(lab_factory, release):
+    """Cyrus 3.10's master registers its DAEMON children in proc_path like sessions; the fence's
+    grace must not wait for them (it did, the whole grace, at every stop)."""
+    lab = lab_factory(rolling=False)
+    conf = lab.pair.primary_cyrus_conf.read_text()
+    entry = '  idler cmd="/bin/sleep 3600"\n'
+    conf = conf.replace("DAEMON {\n", "DAEMON {\n" + entry) if "DAEMON {" in conf else conf + f"DAEMON {{\n{entry}}}\n"
+    lab.pair.primary_cyrus_conf.write_text(conf)
+    _started(lab)
+    record = lab.deliver(20, tag="daemon")
+
+    stop = lab.stop(PRIMARY)
+
+    assert (stop.result, stop.total_left) == ("success", 0), stop
+    fence = [line for line in lab.journal(PRIMARY).splitlines() if "session left" in line or "grace over" in line]
+    assert fence and "no session left" in fence[-1], fence
+    assert lab.verify(record)["missing"] == 0
 
 
 def test_restart_under_load_is_lossless(lab_factory):

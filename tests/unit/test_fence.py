@@ -144,3 +144,29 @@ def test_replication_processes_are_not_sessions(tmp_path, fake):
             p.kill()
             p.wait()
 
+
+
+def test_daemon_and_event_children_are_not_sessions(fake):
+    """Cyrus >= 3.10's master registers its DAEMON and EVENTS children in proc_path (no client, no
+    user); the fence does not end them, so the grace must not wait for them (measured on 3.10.2:
+    every stop with a DAEMON entry waited the whole grace)."""
+    conf = fake.cyrus_conf.read_text()
+    conf += '\nDAEMON {\n  idled cmd="idled"\n}\n'
+    if "EVENTS {" in conf:
+        conf = conf.replace("EVENTS {\n", 'EVENTS {\n  checkpoint cmd="ctl_cyrusdb -c" period=30\n')
+    else:
+        conf += 'EVENTS {\n  checkpoint cmd="ctl_cyrusdb -c" period=30\n}\n'
+    fake.cyrus_conf.write_text(conf)
+    inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    try:
+        _proc_file(fake, sleepers[0].pid, service="idled", user="")
+        _proc_file(fake, sleepers[1].pid, service="checkpoint", user="")
+        _proc_file(fake, sleepers[2].pid, service="imap", user="alice")
+        assert [s.pid for s in fence.sessions(inst)] == [sleepers[2].pid]
+        os.unlink(fake.config / "proc" / str(sleepers[2].pid))
+        assert fence.wait_for_sessions(inst, grace=30) == []
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
