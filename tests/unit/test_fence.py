@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -119,6 +120,20 @@ def test_stop_refuses_bad_message_and_grace(fake):
     assert _stop(fake, "--grace", "-1").returncode == exitcodes.USAGE
 
 
+@contextlib.contextmanager
+def _registered(fake, *services):
+    """A live process for each (service, user), with its proc_path file; yields their PIDs."""
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in services]
+    try:
+        for p, (service, user) in zip(sleepers, services):
+            _proc_file(fake, p.pid, service=service, user=user)
+        yield [p.pid for p in sleepers]
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
 def test_replication_processes_are_not_sessions(tmp_path, fake):
     """A sync_server serving the primary's rolling client (named by its cyrus.conf entry), and
     Cyrus 3.10's rolling sync_client registering itself, do not end because of the fence: the
@@ -127,23 +142,14 @@ def test_replication_processes_are_not_sessions(tmp_path, fake):
         "SERVICES {\n", f'SERVICES {{\n  syncsrv cmd="sync_server -C {fake.imapd_conf}" listen="127.0.0.1:1"\n')
     fake.cyrus_conf.write_text(conf)
     inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
-    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
-    try:
-        _proc_file(fake, sleepers[0].pid, service="syncsrv", user="repl")
-        _proc_file(fake, sleepers[1].pid, service="sync_client", user="")
-        _proc_file(fake, sleepers[2].pid, service="imap", user="alice")
-        assert [s.pid for s in fence.sessions(inst)] == [sleepers[2].pid]
+    with _registered(fake, ("syncsrv", "repl"), ("sync_client", ""), ("imap", "alice")) as pids:
+        assert [s.pid for s in fence.sessions(inst)] == [pids[2]]
         everything = fence.sessions(inst, replication=True)
         assert sorted((s.service, s.replication) for s in everything) == [
             ("imap", False), ("sync_client", True), ("syncsrv", True)]
-        os.unlink(fake.config / "proc" / str(sleepers[2].pid))
+        os.unlink(fake.config / "proc" / str(pids[2]))
         # with replication counted, this would wait the whole grace and return them
         assert fence.wait_for_sessions(inst, grace=30) == []
-    finally:
-        for p in sleepers:
-            p.kill()
-            p.wait()
-
 
 
 def test_daemon_and_event_children_are_not_sessions(fake):
@@ -158,15 +164,7 @@ def test_daemon_and_event_children_are_not_sessions(fake):
         conf += 'EVENTS {\n  checkpoint cmd="ctl_cyrusdb -c" period=30\n}\n'
     fake.cyrus_conf.write_text(conf)
     inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
-    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
-    try:
-        _proc_file(fake, sleepers[0].pid, service="idled", user="")
-        _proc_file(fake, sleepers[1].pid, service="checkpoint", user="")
-        _proc_file(fake, sleepers[2].pid, service="imap", user="alice")
-        assert [s.pid for s in fence.sessions(inst)] == [sleepers[2].pid]
-        os.unlink(fake.config / "proc" / str(sleepers[2].pid))
+    with _registered(fake, ("idled", ""), ("checkpoint", ""), ("imap", "alice")) as pids:
+        assert [s.pid for s in fence.sessions(inst)] == [pids[2]]
+        os.unlink(fake.config / "proc" / str(pids[2]))
         assert fence.wait_for_sessions(inst, grace=30) == []
-    finally:
-        for p in sleepers:
-            p.kill()
-            p.wait()
