@@ -46,6 +46,15 @@ def age(path, seconds: float) -> None:
     os.utime(path.parent, (t, t))
 
 
+def written(s: Supervisor, lines: int) -> float:
+    """`lines` appended to the first channel's log, seen by the armed watch; when the pending
+    STATUS's oldest change was seen."""
+    s._arm(s.watch, s._on_sync_change, True)
+    append(s.channels[0].log, lines)
+    s.loop.poll(HANG_GUARD)
+    return s._status_since
+
+
 def statuses(s: Supervisor) -> list[str]:
     return [m for m in s.notifier.sent if m.startswith("STATUS=")]
 
@@ -70,10 +79,7 @@ def test_a_status_waits_for_the_writes_to_settle_and_the_watch_is_not_read_meanw
 
 def test_writes_that_go_on_still_give_a_status_every_status_interval(sup):
     log = sup.channels[0].log
-    sup._arm(sup.watch, sup._on_sync_change, True)
-    append(log, 3)
-    sup.loop.poll(HANG_GUARD)
-    since = sup._status_since
+    since = written(sup, 3)
     age(log, 0)
     sup._status_turn(since + 0.2)
     assert statuses(sup) == []
@@ -82,6 +88,31 @@ def test_writes_that_go_on_still_give_a_status_every_status_interval(sup):
     sup._status_turn(since + 0.5)                   # --status-interval: sent although still busy
     assert statuses(sup) == ["STATUS=backlog default=5"]
     assert sup._status_due is not None and sup.watch not in sup._armed  # the next one is pending
+
+
+def test_soon_after_a_status_the_next_waits_for_a_longer_quiet(sup):
+    """Deliveries 10-40 ms apart: one STATUS per --status-interval and the final count, not one
+    per gap; the final count still goes out once the logs were quiet STATUS_QUIET_AFTER_SEND."""
+    log = sup.channels[0].log
+    t0 = written(sup, 2)
+    age(log, 1)
+    sup._status_turn(t0 + supervisor.STATUS_FIRST_LOOK)
+    assert statuses(sup) == ["STATUS=backlog default=2"]
+    t1 = written(sup, 2)                            # the next delivery, soon after
+    gap = (supervisor.STATUS_SETTLE + supervisor.STATUS_QUIET_AFTER_SEND) / 2
+    age(log, gap)                                   # a gap between deliveries: not sent ...
+    sup._status_turn(t1 + supervisor.STATUS_FIRST_LOOK)
+    assert statuses(sup) == ["STATUS=backlog default=2"]
+    due = sup._status_due
+    assert due is not None and due - (t1 + supervisor.STATUS_FIRST_LOOK) < supervisor.STATUS_QUIET_AFTER_SEND + 1e-6
+    age(log, supervisor.STATUS_QUIET_AFTER_SEND)    # ... the quiet that follows a last delivery is
+    sup._status_turn(due)
+    assert statuses(sup) == ["STATUS=backlog default=2", "STATUS=backlog default=4"]
+    # --status-interval after the last STATUS, a short quiet is enough again
+    later = written(sup, 1) + sup.options.status_interval
+    age(log, gap)
+    sup._status_turn(later)
+    assert statuses(sup)[-1] == "STATUS=backlog default=5"
 
 
 def test_other_news_goes_out_at_once_even_while_the_logs_are_written(sup):
