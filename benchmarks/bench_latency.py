@@ -17,7 +17,8 @@ sd_notify datagram and relays it to systemd with the helper's credentials. Then,
   plus the reaped children it ran, e.g. journalctl) per 1,000 deliveries, and as a ratio to Cyrus's
   CPU for the same burst (the unit's cgroup usage minus the helper's).
 - STATUS datagrams per second during the burst; wake-ups of the idle helper (context switches of
-  all its threads over --idle-seconds, per minute) and what its main thread is blocked in; RSS.
+  all its threads over --idle-seconds, per minute, from 2 journal intervals after the burst) and
+  what its main thread is blocked in; RSS.
 
     python benchmarks/bench_latency.py [--trials 10] [--release bookworm|trixie] [--burst 1000]
 Needs root, Cyrus and systemd-container (scripts/bootstrap.sh installs them).
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import add_entry  # noqa: E402
 from cyrushelper.synclog import count_lines  # noqa: E402
+from cyrushelper.supervisor import JOURNAL_INTERVAL  # noqa: E402
 from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
 from testbed.observe import Observer  # noqa: E402
@@ -172,7 +174,9 @@ def trial(args, house: Wheelhouse) -> dict:
             result["cpu_ratio_percent"] = 100 * cpu_helper / (cpu_unit - cpu_helper)
             result["burst_msgs_per_s"] = args.burst / burst_seconds
 
-            time.sleep(2)  # let the burst's aftermath (journal, status) pass
+            # the burst's aftermath: run asks the journal about what journald stored during the
+            # burst at most every JOURNAL_INTERVAL, and once more if it wrote meanwhile
+            time.sleep(2 * JOURNAL_INTERVAL + 2)
             before, _ = switches(box, pid)
             time.sleep(args.idle_seconds)
             after, blocked = switches(box, pid)
