@@ -7,6 +7,11 @@ The output is meant to be copied as-is into /etc/systemd/system:
     cyrus@NAME.service.d/cyrushelper.conf      this instance: config paths, writable paths, ordering
     cyrus.service.wants/cyrus@NAME.service     symlink: `systemctl start cyrus` starts this instance
 
+With `--listeners systemd` (socket mode, listeners.py has the mapping) the drop-in also wires the
+instance to its parts, rendered beside it: cyrus-NAME-start.service, one cyrus-NAME-SERVICE.socket
+and cyrus-NAME-SERVICE@.service (worker template) per SERVICES address, cyrus-NAME-DAEMON.service
+per DAEMON entry, cyrus-NAME-event-EVENT.timer/.service per EVENTS entry.
+
 Every regular file carries a header with the SHA-256 of its body. Re-rendering overwrites a file only
 while its body still matches that hash; a file edited by hand (or not written by us) is refused
 unless --force. Everything is rendered and checked in memory first, then each file is written
@@ -27,7 +32,7 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from cyrushelper import arguments, exitcodes
+from cyrushelper import arguments, exitcodes, listeners, state
 from cyrushelper.atomic import symlink_atomic, write_atomic
 from cyrushelper.config import DEFAULT_IMAPD_CONF, ConfigError, Instance
 
@@ -155,8 +160,9 @@ def runtime_dirs(paths: list[WritablePath]) -> list[str]:
 
 def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
            unit_imapd_conf: str | None = None, unit_cyrus_conf: str | None = None,
-           template_dir: Path | None = None) -> list[RenderedFile]:
-    """Every file of the output, in memory. Raises ConfigError before anything is written."""
+           template_dir: Path | None = None, socket_plan: listeners.Plan | None = None) -> list[RenderedFile]:
+    """Every file of the output, in memory. Raises ConfigError before anything is written.
+    `socket_plan`: socket mode's parts (listeners.plan()); None renders master mode."""
     name = check_instance_name(inst.name)
     if replica_instance is not None:
         check_instance_name(replica_instance, "--replica-instance")
@@ -185,21 +191,48 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
         "writable_paths": [(str(w.path), w.required) for w in paths],
         "runtime_dirs": volatile,
         "cyrus_user": cyrus_user,
+        "cyrus_group": cyrus_group,
         "cyrus_owner": f"{cyrus_user}:{cyrus_group or ''}",
+        "plan": socket_plan,
+        "fence_file": str(_safe_path(inst.fence_file, inst.imapd.where("configdirectory"))),
+        "workers_dir": str(_safe_path(state.workers_dir(inst.imapd.configdirectory),
+                                      inst.imapd.where("configdirectory"))),
         "home_writable": inst.imapd.get_bool("sieveusehomedir")
         or any(_under(w.path, _HOME_ROOTS) for w in paths),
     }
 
-    def file(relpath: str, template: str) -> RenderedFile:
-        body = env.get_template(template).render(context)
+    def file(relpath: str, template: str, **extra) -> RenderedFile:
+        body = env.get_template(template).render(context, **extra)
         return RenderedFile(relpath, text=header(template, body) + body)
 
-    return [
+    files = [
         file("cyrus@.service", "cyrus@.service.j2"),
         file("cyrus.service", "cyrus.service.j2"),
         file(f"cyrus@{name}.service.d/cyrushelper.conf", "cyrushelper.conf.j2"),
         RenderedFile(f"cyrus.service.wants/cyrus@{name}.service", link_target="../cyrus@.service"),
     ]
+    if socket_plan is not None:
+        files += _socket_mode_files(socket_plan, file, inst)
+    return files
+
+
+def _socket_mode_files(plan: listeners.Plan, file, inst: Instance) -> list[RenderedFile]:
+    for argv in [a for _, a in plan.start] + [p.argv for p in plan.pools] + \
+            [d.argv for d in plan.daemons] + [e.argv for e in plan.events]:
+        for word in argv:  # the words go into Exec*= lines as they are
+            if not re.fullmatch(r"[A-Za-z0-9_.+,:=@/-]+", word):
+                raise ConfigError(inst.cyrus.path, None, f"command word {word!r} holds characters "
+                                                         "systemd unit files would interpret")
+    files = [file(plan.start_unit, "socket-start.service.j2")]
+    for pool in plan.pools:
+        files.append(file(pool.socket_unit, "socket-listener.socket.j2", pool=pool))
+        files.append(file(pool.worker_template, "socket-worker@.service.j2", pool=pool))
+    for daemon in plan.daemons:
+        files.append(file(daemon.unit, "socket-daemon.service.j2", daemon=daemon))
+    for event in plan.events:
+        files.append(file(event.unit, "socket-event.service.j2", event=event))
+        files.append(file(event.timer, "socket-event.timer.j2", event=event))
+    return files
 
 
 # --------------------------------------------------------------------------- writing
@@ -287,6 +320,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "(default: --imapd-conf, made absolute)")
     parser.add_argument("--unit-cyrus-conf", metavar="PATH",
                         help="cyrus.conf path written into the unit (default: --cyrus-conf, made absolute)")
+    parser.add_argument("--listeners", choices=listeners.MODES, default="master",
+                        help="who holds the listening sockets: master = Cyrus master binds them (default); "
+                             "systemd = socket mode, systemd holds them and runs each service as a pool "
+                             "of worker units, so a restart refuses no connection")
+    parser.add_argument("--workers", action="append", metavar="SERVICE=N",
+                        help="socket mode: N workers for the SERVICES entry SERVICE (repeatable; default "
+                             "maxchild, else max(prefork, %d))" % listeners.DEFAULT_POOL)
     parser.add_argument("--templates", metavar="DIR", help="template directory (default: the bundled one)")
     parser.add_argument("--force", action="store_true",
                         help="replace output files even if they were edited by hand")
@@ -299,11 +339,22 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ConfigError(output, None, "--output exists and is not a directory")
+    socket_plan = None
+    if args.listeners == "systemd":
+        try:
+            workers = listeners.parse_workers(args.workers)
+        except ValueError as e:
+            raise ConfigError("--workers", None, str(e)) from None
+        socket_plan = listeners.plan(inst, workers)
+        for note in socket_plan.notes:
+            log.warning("%s", note)
+    elif args.workers:
+        raise ConfigError("--workers", None, "--workers sizes socket mode's pools: add --listeners systemd")
     try:
         written = generate(inst, output, args.helper or default_helper(), force=args.force,
                            replica_instance=args.replica_instance,
                            unit_imapd_conf=args.unit_imapd_conf, unit_cyrus_conf=args.unit_cyrus_conf,
-                           template_dir=find_templates(args.templates))
+                           template_dir=find_templates(args.templates), socket_plan=socket_plan)
     except OutputConflict as e:
         print(f"cyrushelper generate: {e}", file=sys.stderr)
         return exitcodes.FAILURE
