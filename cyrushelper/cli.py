@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "status": ("cyrushelper.status", "show master, replication backlog and last stop of an instance"),
     "watch": ("cyrushelper.status", "follow the replication backlog live (inotify)"),
     "switchover": ("cyrushelper.switchover", "soft failover: drain the primary, prove the replica caught up"),
+    "worker": ("cyrushelper.worker", "run a Cyrus service on a socket systemd holds (socket mode's worker units)"),
 }
 
 
