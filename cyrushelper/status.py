@@ -5,6 +5,11 @@ status exit codes (LSB-like, for scripts and monitoring):
   1  master runs but needs attention: a listener does not accept, or the last stop was unclean
   3  master is not running (the report still shows backlog, last stop and markers)
  78  configuration error
+
+In socket mode (an instance whose `run --listeners systemd` recorded itself in the state
+directory, state.py) "master" is that process, and `services` shows per SERVICES address its
+socket, whether it serves, its workers (busy, idle, down: from the messages Cyrus writes to each
+worker's status file, worker.py) and the connections they served since the instance started.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import signal
 import sys
 import time
 
-from cyrushelper import arguments, exitcodes, fence, proc, state, synclog
+from cyrushelper import arguments, exitcodes, fence, proc, state, synclog, worker
 from cyrushelper.channels import rolling_channels
 from cyrushelper.config import Instance
-from cyrushelper.probe import probe_all
+from cyrushelper import listeners
+from cyrushelper.probe import probe_address, probe_all
 from cyrushelper.syncwatch import DirWatch
 
 log = logging.getLogger("cyrushelper.status")
@@ -38,28 +44,86 @@ STATUS_EPILOG = """status exit codes:
 
 
 def collect(instance: Instance, probe: bool = True) -> dict:
+    sockets = state.listeners(instance)
+    if sockets is not None and sockets.get("mode") == "systemd":
+        return _finish(instance, _socket_mode(instance, sockets, probe))
     pid = proc.running_master(instance.pid_file)
-    rolling = rolling_channels(instance)
     report: dict = {
         "instance": instance.name,
+        "mode": "master",
         "master": {
             "pid_file": str(instance.pid_file),
             "pid": pid if pid is not None else proc.read_pid_file(instance.pid_file),
             "running": pid is not None,
             "processes": len(proc.session_members(pid)) if pid is not None else 0,
         },
+        **_common(instance),
+        "sessions": len(fence.sessions(instance)) if pid is not None else 0,
+    }
+    if pid is not None and probe:
+        report["listeners"] = {name: ("ok" if err is None else err)
+                               for name, err in probe_all(instance, timeout=1.0).items()}
+    return _finish(instance, report)
+
+
+def _common(instance: Instance) -> dict:
+    return {
         "listeners": {},
         "channels": [],
         "fence": {"path": str(instance.fence_file), "present": fence.fence_present(instance)},
-        "sessions": len(fence.sessions(instance)) if pid is not None else 0,
         "unclean_stop": state.unclean_stop(instance),
         "last_stop": state.last_stop(instance),
         "last_drain": state.last_drain(instance),
         "state_dir": str(state.state_dir(instance)),
     }
-    if pid is not None and probe:
-        report["listeners"] = {name: ("ok" if err is None else err)
-                               for name, err in probe_all(instance, timeout=1.0).items()}
+
+
+def _socket_mode(instance: Instance, recorded: dict, probe: bool) -> dict:
+    pid = recorded.get("pid")
+    running = isinstance(pid, int) and proc.alive(pid) and proc.start_time(pid) == recorded.get("start_time")
+    report = {
+        "instance": instance.name,
+        "mode": "systemd",
+        "master": {"pid": pid, "running": running, "unit": recorded.get("unit"),
+                   "what": "run --listeners systemd (no Cyrus master in socket mode)"},
+        **_common(instance),
+        "sessions": len(fence.sessions(instance)) if running else 0,
+        "services": [],
+    }
+    for pool in recorded.get("pools", []):
+        slots = [slot_state(path) for path in pool.get("status_files", [])]
+        entry = {
+            "service": pool.get("service"), "socket": pool.get("socket"), "listen": pool.get("listen"),
+            "serves": None,
+            "workers": {"total": len(slots), **{k: sum(1 for s in slots if s["state"] == k)
+                                                 for k in ("busy", "idle", "down")}},
+            "connections_served": sum(s["served"] for s in slots),
+        }
+        if running and probe and pool.get("stream"):
+            error = probe_address(*_connect_address(pool.get("listen", "")), pool.get("greets", False), 1.0)
+            entry["serves"] = "ok" if error is None else error
+            report["listeners"][f"{entry['service']} {entry['listen']}"] = entry["serves"]
+        report["services"].append(entry)
+    return report
+
+
+def slot_state(path: str) -> dict:
+    """One worker slot from its status file: busy (in a connection), idle, or down (not running)."""
+    records = worker.read_records(path)
+    served = worker.read_served(path) + sum(1 for message, _ in records if message == worker.CONNECTION)
+    if not records or not proc.alive(records[-1][1]):
+        return {"state": "down", "served": served}
+    message = records[-1][0]
+    # UNAVAILABLE last: between accept() and CONNECTION, or on its way out: not free either
+    return {"state": "idle" if message == worker.AVAILABLE else "busy", "served": served}
+
+
+def _connect_address(listen: str) -> tuple[int, object]:
+    return listeners.Address("ListenStream", listen).connect_address()
+
+
+def _finish(instance: Instance, report: dict) -> dict:
+    rolling = rolling_channels(instance)
     for channel in instance.channels:
         b = synclog.backlog(channel)
         report["channels"].append({
@@ -83,14 +147,25 @@ def health(report: dict) -> int:
 def format_text(report: dict) -> str:
     m = report["master"]
     lines = [f"instance {report['instance']}: {report['state']}"]
-    if m["running"]:
+    if report.get("mode") == "systemd":
+        state_text = f"PID {m['pid']}" if m["running"] else "not running"
+        lines.append(f"  socket mode (systemd holds the sockets, no master): {m['unit']} {state_text}, "
+                     f"{report['sessions']} client sessions")
+    elif m["running"]:
         lines.append(f"  master: PID {m['pid']}, {m['processes']} processes in its session, "
                      f"{report['sessions']} client sessions")
     else:
         stale = f" (stale PID {m['pid']} in {m['pid_file']})" if m["pid"] else ""
         lines.append(f"  master: not running{stale}")
+    for s in report.get("services", []):
+        w = s["workers"]
+        serves = f", {s['serves']}" if s["serves"] not in (None, "ok") else ""
+        lines.append(f"  service {s['service']} on {s['listen']} ({s['socket']}{serves}): workers {w['busy']} busy, "
+                     f"{w['idle']} idle, {w['down']} down of {w['total']}; {s['connections_served']} "
+                     "connections served")
     for name, result in report["listeners"].items():
-        lines.append(f"  listener {name}: {result}")
+        if "services" not in report:
+            lines.append(f"  listener {name}: {result}")
     if not report["channels"]:
         lines.append("  replication: no sync channel (sync_log off)")
     for c in report["channels"]:
