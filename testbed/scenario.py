@@ -114,13 +114,17 @@ class LabSystem:
         return self
 
     def install_cyrushelper_units(self, *, replica_local: bool = True,
-                                  extra_dropin: dict[str, str] | None = None) -> None:
-        """Generate and install cyrus@primary + cyrus@replica (+ the umbrella cyrus.service)."""
+                                  extra_dropin: dict[str, str] | None = None,
+                                  listeners: str = "master", generate_args: tuple[str, ...] = ()) -> None:
+        """Generate and install cyrus@primary + cyrus@replica (+ the umbrella cyrus.service);
+        `listeners`: `generate --listeners` (master, or systemd for socket mode)."""
+        self.listeners = listeners
         for which in ("replica", "primary"):
             out = self.workdir / f"units-{which}"
             args = ["generate", "--imapd-conf", str(self.pair.imapd_conf(which)),
                     "--cyrus-conf", str(self.pair.cyrus_conf(which)), "--instance", which,
-                    "--output", str(out), "--helper", self.helper]
+                    "--output", str(out), "--helper", self.helper, "--listeners", listeners,
+                    *generate_args]
             if which == "primary" and replica_local:
                 args += ["--replica-instance", "replica"]
             r = self.cyrushelper(*args, timeout=60)
@@ -164,8 +168,10 @@ class LabSystem:
             journal = "\n".join(self.c.journal(u)[-3000:] for u in units)
             raise RuntimeError(f"systemctl start {' '.join(units)} failed: {r.stderr}\n{journal}")
 
-    def start_load(self, seconds: float = 60, users: str = "alice,bob", pause: float = 0.0) -> tuple[str, Path]:
-        """LMTP load on the primary as a transient unit; returns (unit, record file)."""
+    def start_load(self, seconds: float = 60, users: str = "alice,bob", pause: float = 0.0,
+                   connection_per_message: bool = False) -> tuple[str, Path]:
+        """LMTP load on the primary as a transient unit; returns (unit, record file). Its final
+        counts (LoadStats, by outcome) land in `<record>.stats` once the unit stopped."""
         self._loads += 1
         unit = f"lab-load-{self._loads}.service"
         record = self.workdir / f"load-{self._loads}.record"
@@ -173,8 +179,14 @@ class LabSystem:
                    *[f"--setenv={k}={v}" for k, v in self.c.python_env.items()],
                    self.python, "-m", "testbed", "load", str(self.pair.root),
                    "--port-base", str(self.pair.port_base), "--record", str(record),
-                   "--seconds", str(seconds), "--users", users, "--pause", str(pause))
+                   "--seconds", str(seconds), "--users", users, "--pause", str(pause),
+                   "--stats", f"{record}.stats",
+                   *(["--connection-per-message"] if connection_per_message else []))
         return unit, record
+
+    def load_stats(self, record: Path) -> dict:
+        """The counts a stopped load wrote (see start_load)."""
+        return json.loads(Path(f"{record}.stats").read_text())
 
     def wait_acknowledged(self, record: Path, count: int, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
