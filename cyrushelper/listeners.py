@@ -7,7 +7,7 @@ For instance NAME (unit names never match `cyrus@*.service`, which stays the ins
     cyrus-NAME-start.service        START entries in order (oneshot), before every other part
     cyrus-NAME-SERVICE.socket       one listening socket per SERVICES address (ListenStream=)
     cyrus-NAME-SERVICE@1..N.service its worker pool: `cyrushelper worker` execs the Cyrus service
-    cyrus-NAME-DAEMON.service       a DAEMON entry (respawned like master does: Restart=always)
+    cyrus-NAME-DAEMON.service       a DAEMON entry (respawned as master does: Restart=always)
     cyrus-NAME-event-EVENT.timer    an EVENTS entry (`period=` minutes, `at=HHMM`) ...
     cyrus-NAME-event-EVENT.service  ... and the command it runs
 
@@ -210,14 +210,27 @@ class Plan:
         return [u for p in self.pools for u in p.worker_units]
 
     @property
-    def before_instance(self) -> list[str]:
-        """Parts the instance starts after (and so stops before them: it stops their workers)."""
-        return [self.start_unit, *self.socket_units, *self.worker_units]
+    def daemon_units(self) -> list[str]:
+        return [d.unit for d in self.daemons]
 
     @property
-    def after_instance(self) -> list[str]:
-        """Parts that start once the instance serves and stop before its stop begins."""
-        return [d.unit for d in self.daemons] + [e.timer for e in self.events]
+    def event_units(self) -> list[str]:
+        return [e.unit for e in self.events]
+
+    @property
+    def timer_units(self) -> list[str]:
+        return [e.timer for e in self.events]
+
+    @property
+    def before_instance(self) -> list[str]:
+        """Parts the instance starts after, and so stops before them: its own process stops the
+        Cyrus processes among them (event jobs order themselves before it in their unit)."""
+        return [self.start_unit, *self.socket_units, *self.worker_units, *self.daemon_units]
+
+    @property
+    def process_units(self) -> list[str]:
+        """Units whose processes the instance's stop ends, as master ends its children."""
+        return [*self.worker_units, *self.daemon_units, *self.event_units]
 
     def pool_sizes(self) -> dict[str, int]:
         return {p.service: p.size for p in self.pools}

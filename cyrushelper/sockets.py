@@ -17,18 +17,22 @@ Stop or restart (SIGTERM): systemd does not tell a service which of the two it i
    them listening: new connections wait in the backlog for the next workers.
 2. SIGHUP to every worker, once: an idle worker exits at once, a busy one after its connection
    (master/service.c; measured: SIGTERM instead cut LMTP transactions at DATA or end-of-data).
-   The workers' own stop jobs are pending, so systemd does not restart them (measured, 252 and
-   257: they wait in auto-restart until our stop has finished).
+   SIGTERM to a running EVENTS job (Cyrus ends it at its next safe point); SIGTERM to the DAEMON
+   processes (the rolling sync_client) once no worker or job is left, as master stops its
+   daemons after its services. All these units are ordered before ours and their own stop or
+   restart jobs are pending, so systemd restarts none of them (measured, 252 and 257: they wait
+   in auto-restart until our stop has finished).
 3. --fence-after seconds later, for sessions still open (an IMAP client stays for hours): the
    fence msg/shutdown, so users get `* BYE [ALERT]` and LMTP `421` at their next command. Not at
    once: an LMTP transaction in flight would get 421 instead of finishing.
 4. --grace seconds after the SIGHUP: one SIGTERM to each worker left (Cyrus ends at its next
-   safe point, exit 75).
+   safe point, exit 75), and to the daemons if they are still waiting for their turn.
 5. --stop-timeout seconds after the SIGHUP: SIGKILL, the stop is recorded as unclean (a
    replication event may be missing) and we exit 70, as in master mode.
-Then the fence is removed (no worker runs) and ExecStopPost drains every channel; on a restart
-the workers start again only after that. The rolling sync_client, the EVENTS timers and jobs are
-ordered after the instance, so systemd has stopped them before our stop began.
+5 is the deadline for everything of the instance, daemons and jobs included. Then the fence is
+removed (nothing of Cyrus runs) and ExecStopPost drains every channel; on a restart the workers
+and daemons start again only after that. The EVENTS timers are ordered after the instance, so
+systemd has stopped them before our stop began: no job starts meanwhile.
 
 SIGHUP while running (`systemctl kill -s HUP`): every worker finishes its connection and is
 started again by systemd, re-reading imapd.conf: a rolling reload of the services.
@@ -68,16 +72,19 @@ class SocketSupervisor(Supervisor):
         self.systemd = systemd
         self.unit = f"cyrus@{instance.name}.service"
         self.worker_units = frozenset(plan.worker_units)
+        self.event_units = frozenset(plan.event_units)
+        self.process_units = frozenset(plan.process_units)
 
     # -- what we supervise
     def gone(self) -> bool:
         return False  # the workers are systemd's to restart; nothing of ours can end on its own
 
-    def workers(self) -> dict[int, str]:
-        return proc.unit_members(self.worker_units)
+    def processes(self) -> dict[int, str]:
+        """{pid: unit} of every live Cyrus process of the instance: workers, daemons, event jobs."""
+        return proc.unit_members(self.process_units)
 
     def reload(self) -> None:
-        pids = list(self.workers())
+        pids = [p for p, unit in self.processes().items() if unit in self.worker_units]
         log.info("SIGHUP: %d workers finish their connection and start again with a fresh configuration",
                  len(pids))
         proc.signal_pids(pids, signal.SIGHUP)
@@ -157,57 +164,68 @@ class SocketSupervisor(Supervisor):
                      " ".join(self.plan.socket_units))
         else:
             log.info("restarting: the sockets stay open, new connections wait for the next workers")
-        result = self.stop_workers()
+        result = self.stop_processes()
         result.update(reason=reason, kind=kind)
         return result
 
-    def stop_workers(self) -> dict:
-        """SIGHUP, fence, SIGTERM, SIGKILL: each once, at its time (see the module docstring)."""
+    def stop_processes(self) -> dict:
+        """SIGHUP, fence, SIGTERM, SIGKILL: each once, at its time (see the module docstring).
+        Event jobs get SIGTERM at once; daemons (the rolling sync_client) once no worker or job is
+        left, so replication keeps up while they finish, or at the grace."""
         opts = self.options
         t0 = time.monotonic()
         pulse = Pulse(self.notifier, extend=opts.extend_interval * 2 + 5, interval=opts.extend_interval)
         told: dict[int, str] = {}     # pid -> the last signal it got from us
         fenced = False
         while True:
-            left = self.workers()
+            left = self.processes()
             now = time.monotonic() - t0
-            hup = [p for p in left if p not in told]  # workers seen for the first time
-            proc.signal_pids(hup, signal.SIGHUP)
-            told.update({p: "HUP" for p in hup})
+            writers = [p for p, unit in left.items() if unit in self.worker_units or unit in self.event_units]
+            for pid, unit in left.items():
+                if pid in told:
+                    continue
+                if unit in self.worker_units:
+                    told[pid] = "HUP"
+                elif unit in self.event_units or not writers or now >= self.grace:
+                    told[pid] = "TERM"
+                else:
+                    continue  # a daemon, while workers or jobs still write
+                proc.signal_pids([pid], signal.SIGHUP if told[pid] == "HUP" else signal.SIGTERM)
             if not left:
-                return {"result": "clean", "seconds": round(now, 3), "workers": len(told)}
-            if not fenced and now >= self.fence_after:
+                return {"result": "clean", "seconds": round(now, 3), "processes": len(told)}
+            serving = [p for p, unit in left.items() if unit in self.worker_units]
+            if serving and not fenced and now >= self.fence_after:
                 fence.write_fence(self.instance)
                 fenced = True
-                log.info("fence written after %.1fs: %d worker(s) still serving a session", now, len(left))
+                log.info("fence written after %.1fs: %d worker(s) still serving a session", now, len(serving))
             if now >= self.grace:
                 term = [p for p in left if told.get(p) == "HUP"]
                 if term:
                     log.warning("grace of %.0fs over: SIGTERM to %d worker(s) still serving: %s",
-                                self.grace, len(term), self._describe_workers(term, left))
+                                self.grace, len(term), self._describe(term, left))
                     proc.signal_pids(term, signal.SIGTERM)
                     told.update({p: "TERM" for p in term})
             if now >= opts.stop_timeout:
-                return self.kill_workers(left, t0)
-            pulse(f"stopping: {len(left)} workers finishing their connection")
+                return self.kill_processes(left, t0)
+            pulse(f"stopping: {len(serving)} workers finishing their connection, {len(left)} processes left")
             for signum in self.loop.poll(0.1):
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     self.repeated_stop_signals += 1
                     if self.repeated_stop_signals == 1:
                         log.info("signal %d while stopping: ignored, like any repeat", signum)
 
-    def _describe_workers(self, pids: list[int], units: dict[int, str]) -> str:
+    def _describe(self, pids: list[int], units: dict[int, str]) -> str:
         text = ", ".join(f"{units.get(p, '?')}[{p}]" for p in pids[:8])
         return text + (" …" if len(pids) > 8 else "")
 
-    def kill_workers(self, left: dict[int, str], t0: float) -> dict:
-        who = self._describe_workers(list(left), left)
+    def kill_processes(self, left: dict[int, str], t0: float) -> dict:
+        who = self._describe(list(left), left)
         log.error("stop deadline of %.0fs passed, still running: %s; sending SIGKILL",
                   self.options.stop_timeout, who)
-        self.notifier.status(f"stopping: deadline passed, SIGKILL to {len(left)} workers")
+        self.notifier.status(f"stopping: deadline passed, SIGKILL to {len(left)} processes")
         killed = proc.signal_pids(list(left), signal.SIGKILL)
         for _ in range(50):  # SIGKILL is not instantaneous for a process in D state
-            if not self.workers():
+            if not self.processes():
                 break
             time.sleep(0.1)
         marker = state.record_unclean_stop(self.instance, f"stop deadline of {self.options.stop_timeout:g}s "
@@ -258,7 +276,7 @@ class SocketSupervisor(Supervisor):
             if outcome == "timeout" and code == exitcodes.OK:
                 code = exitcodes.FAILURE
             if fence.remove_fence(self.instance):
-                log.info("fence removed: no worker of this instance runs any more")
+                log.info("fence removed: no Cyrus process of this instance runs any more")
             state.record_last_stop(self.instance, {"instance": self.instance.name, **result})
             log.info("%s: %s after %.2fs", "restart: stopped" if result["kind"] == "restart" else "stopped",
                      result["result"], result.get("seconds", 0))

@@ -138,8 +138,10 @@ def test_daemons_and_event_schedules(tmp_path, bindir):
     assert events["both"].schedule == ["OnCalendar=*-*-* 01:30:00"]  # master ignores period with at
     daemons = {d.entry.name: d for d in plan.daemons}
     assert daemons["sc"].reads_sync_log and not daemons["idle"].reads_sync_log
-    assert plan.after_instance == ["cyrus-x-sc.service", "cyrus-x-idle.service",
-                                   "cyrus-x-event-once.timer", "cyrus-x-event-both.timer"]
+    assert plan.process_units == ["cyrus-x-imap@1.service", *(f"cyrus-x-imap@{i}.service" for i in range(2, 11)),
+                                  "cyrus-x-sc.service", "cyrus-x-idle.service",
+                                  "cyrus-x-event-once.service", "cyrus-x-event-both.service"]
+    assert plan.timer_units == ["cyrus-x-event-once.timer", "cyrus-x-event-both.timer"]
 
 
 def test_resolve_command(tmp_path, bindir):

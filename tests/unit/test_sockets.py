@@ -107,7 +107,7 @@ def supervisor(setup, workers, job, **kwargs) -> tuple[sockets.SocketSupervisor,
     fake = FakeSystemd(job)
     opts = Options(stop_timeout=kwargs.pop("stop_timeout", 30.0))
     sup = sockets.SocketSupervisor(inst, plan, opts, notifier=Notifier(), systemd=fake, **kwargs)
-    sup.workers = workers.alive
+    sup.processes = workers.alive
     sup.loop = proc.Loop()
     return sup, fake
 
@@ -120,7 +120,7 @@ def test_stop_closes_the_sockets_and_sighups_every_worker_once(setup, workers):
     logs = [workers.start("idle", u) for u in setup[1].worker_units]
     sup, fake = supervisor(setup, workers, "stop")
     result = sup.stop("signal SIGTERM")
-    assert (result["result"], result["kind"], result["workers"]) == ("clean", "stop", 2)
+    assert (result["result"], result["kind"], result["processes"]) == ("clean", "stop", 2)
     assert fake.stopped == [["cyrus-x-lmtp.socket"]]
     for log in logs:
         assert events(log) == ["up fence=no", "HUP fence=no"]
@@ -200,3 +200,20 @@ def test_run_exit_codes_follow_the_stop(setup, workers, monkeypatch):
     assert sup.run() == exitcodes.UNCLEAN_STOP
     assert state.last_stop(setup[0])["result"] == "unclean"
     assert state.listeners(setup[0])["pools"][0]["socket"] == "cyrus-x-lmtp.socket"
+
+
+def test_jobs_get_sigterm_at_once_daemons_only_once_the_workers_are_gone(tmp_path, setup, workers):
+    inst = setup[0]
+    inst.cyrus.path.write_text('SERVICES {\n  lmtp cmd="lmtpd" listen="127.0.0.1:1"\n}\n'
+                               'EVENTS {\n  checkpoint cmd="ctl_cyrusdb -c" period=30\n}\n'
+                               'DAEMON {\n  syncclient cmd="sync_client -r"\n}\n')
+    inst = Instance.load(inst.imapd.path, inst.cyrus.path, "x")
+    plan = listeners.plan(inst, {"lmtp": 1})
+    busy = workers.start("busy", "cyrus-x-lmtp@1.service")         # ends at the fence
+    job = workers.start("job", "cyrus-x-event-checkpoint.service")  # ends on SIGTERM
+    daemon = workers.start("daemon", "cyrus-x-syncclient.service")  # ends on SIGTERM
+    sup, _ = supervisor((inst, plan), workers, "stop", fence_after=2.0)
+    assert sup.stop("signal SIGTERM")["result"] == "clean"
+    assert events(busy)[1:] == ["HUP fence=no", "session ended by the fence fence=yes"]
+    assert events(job)[1:] == ["TERM fence=no"]       # at once, long before the fence
+    assert events(daemon)[1:] == ["TERM fence=yes"]   # only once the worker had ended
