@@ -351,13 +351,26 @@ def pool_size(entry: Entry, override: int | None) -> tuple[int, str]:
 
 
 def plan(instance: Instance, workers: dict[str, int] | None = None, bin_dir: Path | None = None) -> Plan:
-    """The socket-mode parts of `instance`; ConfigError (file:line) for what cannot be mapped."""
-    workers = dict(workers or {})
+    """The socket-mode parts of `instance`; ConfigError (file:line) for what cannot be mapped.
+    Every entry whose program is missing is named at once (one line each): installing packages
+    one refusal at a time would be tedious."""
+    missing = []
+    for entry in instance.cyrus.entries:
+        _check_args(entry)
+        try:
+            program_path(entry, bin_dir)
+        except ConfigError as e:
+            missing.append(e)
+    if missing:
+        first = missing[0]
+        raise ConfigError(first.path, first.line, first.message + "".join(f"\n{e}" for e in missing[1:]))
+    return _plan(instance, dict(workers or {}), bin_dir)
+
+
+def _plan(instance: Instance, workers: dict[str, int], bin_dir: Path | None) -> Plan:
     name = instance.name
     conf = instance.cyrus
     start, pools, daemons, events, notes = [], [], [], [], []
-    for entry in conf.entries:
-        _check_args(entry)
     for entry in conf.section("START"):
         command = sync_client_command(entry.argv) if entry.program == "sync_client" else None
         if command is not None and command.rolling:

@@ -15,7 +15,8 @@ Stop or restart (SIGTERM): systemd does not tell a service which of the two it i
 1. stop only: the socket units get a stop job (`--no-block`: it runs after ours). From now on a
    new connection is closed at once and, once the sockets are closed, refused. A restart leaves
    them listening: new connections wait in the backlog for the next workers.
-2. SIGHUP to every worker, once: an idle worker exits at once, a busy one after its connection
+2. SIGHUP to every worker, once (every signal goes through systemd, so that it comes from the
+   process's parent, as under master): an idle worker exits at once, a busy one after its connection
    (master/service.c; measured: SIGTERM instead cut LMTP transactions at DATA or end-of-data).
    SIGTERM to a running EVENTS job (Cyrus ends it at its next safe point); SIGTERM to the DAEMON
    processes (the rolling sync_client) once no worker or job is left, as master stops its
@@ -84,10 +85,11 @@ class SocketSupervisor(Supervisor):
         return proc.unit_members(self.process_units)
 
     def reload(self) -> None:
-        pids = [p for p, unit in self.processes().items() if unit in self.worker_units]
+        left = self.processes()
+        units = sorted({u for u in left.values() if u in self.worker_units})
         log.info("SIGHUP: %d workers finish their connection and start again with a fresh configuration",
-                 len(pids))
-        proc.signal_pids(pids, signal.SIGHUP)
+                 len(units))
+        self.signal_units(units, signal.SIGHUP, left)
 
     # -- start
     def preflight(self) -> None:
@@ -169,42 +171,32 @@ class SocketSupervisor(Supervisor):
         return result
 
     def stop_processes(self) -> dict:
-        """SIGHUP, fence, SIGTERM, SIGKILL: each once, at its time (see the module docstring).
+        """SIGHUP, fence, SIGTERM, SIGKILL: each once per unit, at its time (module docstring).
         Event jobs get SIGTERM at once; daemons (the rolling sync_client) once no worker or job is
-        left, so replication keeps up while they finish, or at the grace."""
+        left, so replication keeps up meanwhile, or at the grace."""
         opts = self.options
         t0 = time.monotonic()
         pulse = Pulse(self.notifier, extend=opts.extend_interval * 2 + 5, interval=opts.extend_interval)
-        told: dict[int, str] = {}     # pid -> the last signal it got from us
+        told: dict[str, int] = {}     # unit -> the last signal we had systemd send it
         fenced = False
         while True:
             left = self.processes()
             now = time.monotonic() - t0
-            writers = [p for p, unit in left.items() if unit in self.worker_units or unit in self.event_units]
-            for pid, unit in left.items():
-                if pid in told:
-                    continue
-                if unit in self.worker_units:
-                    told[pid] = "HUP"
-                elif unit in self.event_units or not writers or now >= self.grace:
-                    told[pid] = "TERM"
-                else:
-                    continue  # a daemon, while workers or jobs still write
-                proc.signal_pids([pid], signal.SIGHUP if told[pid] == "HUP" else signal.SIGTERM)
+            units = set(left.values())
+            writers = {u for u in units if u in self.worker_units or u in self.event_units}
+            for signum in (signal.SIGHUP, signal.SIGTERM):
+                due = sorted(u for u in units - set(told) if self._first_signal(u, writers, now) == signum)
+                if signum == signal.SIGTERM and now >= self.grace:  # workers still serving: once
+                    due += sorted(u for u in units if told.get(u) == signal.SIGHUP)
+                self.signal_units(due, signum, left)
+                told.update({u: signum for u in due})
             if not left:
-                return {"result": "clean", "seconds": round(now, 3), "processes": len(told)}
-            serving = [p for p, unit in left.items() if unit in self.worker_units]
+                return {"result": "clean", "seconds": round(now, 3), "units": len(told)}
+            serving = sorted(u for u in units if u in self.worker_units)
             if serving and not fenced and now >= self.fence_after:
                 fence.write_fence(self.instance)
                 fenced = True
                 log.info("fence written after %.1fs: %d worker(s) still serving a session", now, len(serving))
-            if now >= self.grace:
-                term = [p for p in left if told.get(p) == "HUP"]
-                if term:
-                    log.warning("grace of %.0fs over: SIGTERM to %d worker(s) still serving: %s",
-                                self.grace, len(term), self._describe(term, left))
-                    proc.signal_pids(term, signal.SIGTERM)
-                    told.update({p: "TERM" for p in term})
             if now >= opts.stop_timeout:
                 return self.kill_processes(left, t0)
             pulse(f"stopping: {len(serving)} workers finishing their connection, {len(left)} processes left")
@@ -213,6 +205,26 @@ class SocketSupervisor(Supervisor):
                     self.repeated_stop_signals += 1
                     if self.repeated_stop_signals == 1:
                         log.info("signal %d while stopping: ignored, like any repeat", signum)
+
+    def _first_signal(self, unit: str, writers: set[str], now: float) -> int | None:
+        if unit in self.worker_units:
+            return signal.SIGHUP
+        if unit in self.event_units or not writers or now >= self.grace:
+            return signal.SIGTERM
+        return None  # a daemon, while workers or jobs still write
+
+    def signal_units(self, units: list[str], signum: int, left: dict[int, str]) -> None:
+        """Through systemd (PID 1 is their parent: Cyrus then logs no "unexpected process"), else
+        by PID."""
+        if not units:
+            return
+        if signum == signal.SIGTERM and any(u in self.worker_units for u in units):
+            log.warning("grace of %.0fs over: SIGTERM to %s", self.grace, ", ".join(units[:8]))
+        try:
+            self.systemd.kill(units, signum)
+        except systemctl.SystemctlError as e:
+            log.warning("%s: signalling by PID instead", e)
+            proc.signal_pids([p for p, u in left.items() if u in units], signum)
 
     def _describe(self, pids: list[int], units: dict[int, str]) -> str:
         text = ", ".join(f"{units.get(p, '?')}[{p}]" for p in pids[:8])

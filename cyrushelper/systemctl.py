@@ -8,6 +8,7 @@ Socket mode needs three things from the service manager at run time (master mode
   for try-restart of a running unit, "running" while the unit's own stop is under way);
 - stopping units without waiting for them (`--no-block`): the sockets' stop job runs after the
   workers' and the instance's own, which is the job that asks for it;
+- signalling a unit's processes from PID 1 (`kill`), so that Cyrus sees its parent signal it;
 - unit properties, for `status`.
 Every call has a timeout: a stop path must never hang on the manager.
 """
@@ -15,6 +16,7 @@ Every call has a timeout: a stop path must never hang on the manager.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 from cyrushelper.notify import strip_notify_env
@@ -51,6 +53,14 @@ def stop_no_block(units: list[str]) -> None:
     """Queue a stop job for each unit and return at once."""
     if units:
         _run("stop", "--no-block", *units)
+
+
+def kill(units: list[str], signum: int) -> None:
+    """Have systemd send `signum` to every process of each unit. Sent by PID 1, the parent of a
+    unit's main process: Cyrus logs a plain "graceful shutdown" for it, where a SIGTERM from
+    anyone else is "graceful shutdown initiated by unexpected process" (lib/signals.c)."""
+    if units:
+        _run("kill", f"--signal={signal.Signals(signum).name}", *units)
 
 
 def show(units: list[str], properties: list[str]) -> dict[str, dict[str, str]]:

@@ -61,11 +61,13 @@ def test_debian_default_maps_every_entry(bindir):
     assert len(plan.worker_units) == 471
 
 
-def test_missing_program_is_refused_with_file_line(tmp_path, bindir):
+def test_missing_programs_are_refused_with_file_line_all_at_once(tmp_path, bindir):
     (bindir / "pop3d").unlink()
+    (bindir / "nntpd").unlink()
     error = refused(tmp_path, "SERVICES {\n  imap cmd=\"imapd\" listen=\"1143\"\n"
-                              "  pop3 cmd=\"pop3d\" listen=\"1110\"\n}\n")
+                              "  pop3 cmd=\"pop3d\" listen=\"1110\"\n  nntp cmd=\"nntpd\" listen=\"1119\"\n}\n")
     assert (error.line, "pop3" in error.message, "cyrus-pop3d" in error.message) == (3, True, True)
+    assert f"\n{tmp_path}/cyrus.conf:4: SERVICES entry 'nntp': no executable {bindir}/nntpd" in str(error)
 
 
 @pytest.mark.parametrize("text, line, words", [

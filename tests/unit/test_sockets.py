@@ -5,6 +5,7 @@ tests/system/test_socket_mode.py."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -46,9 +47,17 @@ while True:
 
 
 class FakeSystemd:
-    def __init__(self, job: str | None):
+    def __init__(self, job: str | None, workers: "Workers"):
         self.job = job
+        self.workers = workers
         self.stopped: list[list[str]] = []
+        self.signals: list[tuple[str, int]] = []
+
+    def kill(self, units: list[str], signum: int) -> None:
+        self.signals += [(u, signum) for u in units]
+        for pid, unit in self.workers.alive().items():
+            if unit in units:
+                os.kill(pid, signum)
 
     def job_type(self, unit: str) -> str | None:
         return self.job
@@ -104,7 +113,7 @@ def workers(tmp_path, setup):
 
 def supervisor(setup, workers, job, **kwargs) -> tuple[sockets.SocketSupervisor, FakeSystemd]:
     inst, plan = setup
-    fake = FakeSystemd(job)
+    fake = FakeSystemd(job, workers)
     opts = Options(stop_timeout=kwargs.pop("stop_timeout", 30.0))
     sup = sockets.SocketSupervisor(inst, plan, opts, notifier=Notifier(), systemd=fake, **kwargs)
     sup.processes = workers.alive
@@ -120,7 +129,7 @@ def test_stop_closes_the_sockets_and_sighups_every_worker_once(setup, workers):
     logs = [workers.start("idle", u) for u in setup[1].worker_units]
     sup, fake = supervisor(setup, workers, "stop")
     result = sup.stop("signal SIGTERM")
-    assert (result["result"], result["kind"], result["processes"]) == ("clean", "stop", 2)
+    assert (result["result"], result["kind"], result["units"]) == ("clean", "stop", 2)
     assert fake.stopped == [["cyrus-x-lmtp.socket"]]
     for log in logs:
         assert events(log) == ["up fence=no", "HUP fence=no"]
@@ -212,8 +221,12 @@ def test_jobs_get_sigterm_at_once_daemons_only_once_the_workers_are_gone(tmp_pat
     busy = workers.start("busy", "cyrus-x-lmtp@1.service")         # ends at the fence
     job = workers.start("job", "cyrus-x-event-checkpoint.service")  # ends on SIGTERM
     daemon = workers.start("daemon", "cyrus-x-syncclient.service")  # ends on SIGTERM
-    sup, _ = supervisor((inst, plan), workers, "stop", fence_after=2.0)
+    sup, fake = supervisor((inst, plan), workers, "stop", fence_after=2.0)
     assert sup.stop("signal SIGTERM")["result"] == "clean"
     assert events(busy)[1:] == ["HUP fence=no", "session ended by the fence fence=yes"]
     assert events(job)[1:] == ["TERM fence=no"]       # at once, long before the fence
     assert events(daemon)[1:] == ["TERM fence=yes"]   # only once the worker had ended
+    # one signal of each kind per unit, all through systemd
+    assert sorted(fake.signals) == sorted([("cyrus-x-lmtp@1.service", signal.SIGHUP),
+                                           ("cyrus-x-event-checkpoint.service", signal.SIGTERM),
+                                           ("cyrus-x-syncclient.service", signal.SIGTERM)])
