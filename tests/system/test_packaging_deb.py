@@ -64,17 +64,26 @@ def build_debs(out: Path) -> tuple[Path, Path]:
     return deb, upgrade
 
 
+@pytest.fixture(scope="session")
+def built_debs():
+    """(the package, its +upgrade1 rebuild), built once per test session."""
+    require_root_and_cyrus()
+    require_debian_build_tools()
+    out = new_workdir("debs")
+    yield build_debs(out / "debs")
+    if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def invocation(box: SystemdContainer, unit: str) -> str:
     return box.show(unit, "InvocationID")["InvocationID"]
 
 
-def test_deb_install_upgrade_remove_under_real_systemd():
-    require_root_and_cyrus()
+def test_deb_install_upgrade_remove_under_real_systemd(built_debs):
     require_container_host()
-    require_debian_build_tools()
+    deb, upgrade = built_debs
     workdir = new_workdir("packaging-deb")
     try:
-        deb, upgrade = build_debs(workdir / "debs")
         with SystemdContainer(workdir) as box:
             lab = LabSystem(box, workdir, rolling=True).create()
             # The host's policy-rc.d (if any) would veto the postinst's restart; the overlay
