@@ -151,6 +151,22 @@ def writable_paths(inst: Instance) -> list[WritablePath]:
     return result
 
 
+def worker_command(helper: str) -> str:
+    """How socket mode's worker units start the fd wrapper: `PYTHON -I -m cyrushelper.worker` when
+    the helper is a Python script (its #! names the interpreter), which skips the CLI's imports
+    at every worker start (15 ms instead of 41, worker.py); else `HELPER worker`."""
+    try:
+        with open(helper, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        first = b""
+    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
+    if len(words) == 1 and words[0].startswith("/") and os.path.basename(words[0]).startswith("python") \
+            and _SAFE_PATH_RE.fullmatch(words[0]):
+        return f"{words[0]} -I -m cyrushelper.worker"
+    return f"{helper} worker"
+
+
 def runtime_dirs(paths: list[WritablePath]) -> list[str]:
     """Writable paths on /run (tmpfs): they must be created at every start. /run itself is not."""
     return [str(w.path) for w in paths
@@ -183,6 +199,7 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
     env = _environment(template_dir or find_templates())
     context = {
         "helper": str(helper_path),
+        "worker_command": worker_command(str(helper_path)),
         "instance": name,
         "imapd_conf": str(imapd_conf),
         "cyrus_conf": str(cyrus_conf),

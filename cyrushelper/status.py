@@ -90,8 +90,11 @@ def _socket_mode(instance: Instance, recorded: dict, probe: bool) -> dict:
         "sessions": len(fence.sessions(instance)) if running else 0,
         "services": [],
     }
-    for pool in recorded.get("pools", []):
-        slots = [slot_state(path) for path in pool.get("status_files", [])]
+    pools = recorded.get("pools", [])
+    running_units = set(proc.unit_members(frozenset(u for p in pools for u in p.get("workers", []))).values())
+    for pool in pools:
+        slots = [slot_state(path, unit in running_units)
+                 for path, unit in zip(pool.get("status_files", []), pool.get("workers", []))]
         entry = {
             "service": pool.get("service"), "socket": pool.get("socket"), "listen": pool.get("listen"),
             "serves": None,
@@ -107,15 +110,17 @@ def _socket_mode(instance: Instance, recorded: dict, probe: bool) -> dict:
     return report
 
 
-def slot_state(path: str) -> dict:
-    """One worker slot from its status file: busy (in a connection), idle, or down (not running)."""
+def slot_state(path: str, unit_running: bool) -> dict:
+    """One worker slot: busy (in a connection), idle, or down (its unit runs no process), from the
+    messages its Cyrus process wrote to the status file (empty until its first connection)."""
     records = worker.read_records(path)
     served = worker.read_served(path) + sum(1 for message, _ in records if message == worker.CONNECTION)
-    if not records or not proc.alive(records[-1][1]):
+    last_alive = bool(records) and proc.alive(records[-1][1])
+    if not (unit_running or last_alive):
         return {"state": "down", "served": served}
-    message = records[-1][0]
     # UNAVAILABLE last: between accept() and CONNECTION, or on its way out: not free either
-    return {"state": "idle" if message == worker.AVAILABLE else "busy", "served": served}
+    busy = last_alive and records[-1][0] != worker.AVAILABLE
+    return {"state": "busy" if busy else "idle", "served": served}
 
 
 def _connect_address(listen: str) -> tuple[int, object]:

@@ -376,6 +376,18 @@ def test_socket_mode_refusals_write_nothing(tmp_path, cyrus_bindir, capsys):
     assert not out.exists()
 
 
+def test_socket_mode_workers_start_the_wrapper_by_module_when_the_helper_is_a_python_script(tmp_path, cyrus_bindir):
+    script = tmp_path / "bin" / "cyrushelper"
+    script.parent.mkdir()
+    script.write_text("#!/opt/ch/bin/python3\nfrom cyrushelper.cli import main\n")
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--listeners", "systemd",
+                    "--helper", str(script), "--output", str(tmp_path / "o")) == 0
+    worker = (tmp_path / "o/cyrus-x-imap@.service").read_text()
+    assert "\nExecStart=/opt/ch/bin/python3 -I -m cyrushelper.worker --service imap --id 0 --status " in worker
+    assert f"ExecStart={script} run --listeners systemd" in (tmp_path / "o/cyrus@x.service.d/cyrushelper.conf").read_text()
+
+
 def test_socket_mode_workers_override_reaches_units_and_run(tmp_path, cyrus_bindir):
     imapd, cyrus = make_instance(tmp_path, "x", 11143)
     assert generate("-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--listeners", "systemd",

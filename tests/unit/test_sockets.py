@@ -200,7 +200,16 @@ def test_ready_needs_a_greeting_not_just_a_connect(tmp_path, setup, workers):
     server.close()
 
 
-def test_run_exit_codes_follow_the_stop(setup, workers, monkeypatch):
+@pytest.fixture
+def signal_dispositions():
+    """run() leaves stop signals ignored until the process exits (proc.Loop.close): not ours."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_run_exit_codes_follow_the_stop(setup, workers, monkeypatch, signal_dispositions):
     """The whole life: READY, a stop that needed SIGKILL ends with 70, like master mode."""
     workers.start("stubborn", "cyrus-x-lmtp@1.service")
     sup, _ = supervisor(setup, workers, "stop", fence_after=0.0, grace=0.1, stop_timeout=0.3)

@@ -135,7 +135,7 @@ def _socket_mode(fake, pid: int, slots: dict[str, list[tuple[int, int]]], served
     (d / "listeners.json").write_text(json.dumps({
         "mode": "systemd", "unit": "cyrus@x.service", "pid": pid, "start_time": proc.start_time(pid),
         "pools": [{"service": "lmtp", "socket": "cyrus-x-lmtp.socket", "listen": listen, "stream": True,
-                   "greets": False, "workers": [], "status_files": files}]}))
+                   "greets": False, "workers": [f"cyrus-x-{s}.service" for s in slots], "status_files": files}]}))
 
 
 def test_socket_mode_shows_workers_busy_idle_down_and_connections(fake):
