@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""`systemctl stop` of a primary under LMTP load: cyrushelper's unit vs a stock Debian-style unit.
+"""`systemctl stop` under LMTP load: a primary with cyrushelper's unit vs a stock Debian-style unit,
+and a replica (cyrushelper's unit) while the primary replicates to it.
 
 Each trial boots a fresh throwaway systemd container, builds the lab pair (rolling sync_client
 under master, as most replicated sites run it), puts continuous LMTP load on the primary (two
@@ -23,30 +24,41 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from testbed.container import SystemdContainer  # noqa: E402
+from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
-CONTESTANTS = ("cyrushelper", "stock")
+CONTESTANTS = ("cyrushelper", "stock", "replica")
 
 
-def trial(kind: str, warmup: int) -> dict:
+def trial(kind: str, warmup: int, house: Wheelhouse) -> dict:
     workdir = new_workdir(f"bench-{kind}")
     try:
         with SystemdContainer(workdir) as box:
-            lab = LabSystem(box, workdir, rolling=True).create()
+            lab = LabSystem(box, workdir, wheelhouse=house, rolling=True).create()
             lab.install_cyrushelper_units()
-            if kind == "cyrushelper":
-                unit = "cyrus@primary.service"
-            else:
+            if kind == "stock":
                 unit = lab.install_stock_unit()
-            lab.start("cyrus@replica.service", unit)
+                primary = unit
+            else:
+                primary = "cyrus@primary.service"
+                unit = "cyrus@replica.service" if kind == "replica" else primary
+            lab.start("cyrus@replica.service", primary)
             load, record = lab.start_load(seconds=300)
             lab.wait_acknowledged(record, warmup, timeout=120)
             stop = lab.stop(unit)
+            extra = {}
+            if kind == "replica":
+                lab.start("cyrus@replica.service")
+                lab.wait_acknowledged(record, warmup + 100, timeout=120)
+                lab.stop(primary)
+                extra["primary_result"] = lab.c.show(primary, "Result")["Result"]
             lab.stop_load(load)
-            report = lab.verify(record)
+            report = lab.verify(record, storage=kind == "replica")
+            if kind == "replica":
+                extra["storage_identical"] = report["storage_identical"]
             return {"seconds": stop.seconds, "result": stop.result, "lines_left": stop.total_left,
                     "acknowledged": report["acknowledged"], "missing": report["missing"],
-                    "double_sigterm": len(lab.unexpected_sigterm_lines())}
+                    "double_sigterm": len(lab.unexpected_sigterm_lines()), **extra}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -55,21 +67,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=300, help="acknowledged messages before the stop")
+    parser.add_argument("--only", choices=CONTESTANTS, action="append",
+                        help="run only this contestant (repeatable; default: all)")
     args = parser.parse_args()
-    runs: dict[str, list[dict]] = {k: [] for k in CONTESTANTS}
+    chosen = [k for k in CONTESTANTS if not args.only or k in args.only]
+    runs: dict[str, list[dict]] = {k: [] for k in chosen}
+    scratch = new_workdir("bench-wheel")
+    house = build_wheelhouse(scratch / "build")   # the product as users install it
     for i in range(args.trials):
-        for kind in CONTESTANTS if i % 2 == 0 else reversed(CONTESTANTS):
-            r = trial(kind, args.warmup)
+        for kind in chosen if i % 2 == 0 else list(reversed(chosen)):
+            r = trial(kind, args.warmup, house)
             runs[kind].append(r)
             print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s result={r['result']} "
                   f"lines_left={r['lines_left']} acknowledged={r['acknowledged']} missing={r['missing']} "
-                  f"double_sigterm={r['double_sigterm']}",
+                  f"double_sigterm={r['double_sigterm']}"
+                  + (f" primary_result={r['primary_result']} storage_identical={r['storage_identical']}"
+                     if kind == "replica" else ""),
                   flush=True)
     print()
     print(f"| unit | trials | stop s (median) | stop s (max) | result | sync-log lines left (median/max) "
           f"| acknowledged (median) | missing on replica (median/max) | children SIGTERMed twice (max) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for kind in CONTESTANTS:
+    for kind in chosen:
         rs = runs[kind]
         secs = [r["seconds"] for r in rs]
         left = [r["lines_left"] for r in rs]
@@ -78,9 +97,11 @@ def main() -> int:
         print(f"| {kind} | {len(rs)} | {statistics.median(secs):.2f} | {max(secs):.2f} | {results} | "
               f"{statistics.median(left):g}/{max(left)} | {statistics.median(r['acknowledged'] for r in rs):g} | "
               f"{statistics.median(miss):g}/{max(miss)} | {max(r['double_sigterm'] for r in rs)} |")
-    ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
-    stock = statistics.median(r["seconds"] for r in runs["stock"])
-    print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
+    if "cyrushelper" in runs and "stock" in runs:
+        ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
+        stock = statistics.median(r["seconds"] for r in runs["stock"])
+        print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
+    shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

@@ -123,8 +123,14 @@ def squatter_channels(instance: Instance) -> set[str]:
     return names
 
 
+REPLICA_ROLE_REASON = ("replica role: a replica never pushes to its primary (these are its own users' "
+                       "changes, replayed harmlessly once it is primary again)")
+
+
 def not_replicated_reason(instance: Instance, channel: Channel) -> str | None:
     """Why sync_client must not read this channel, or None if it is a replication channel."""
+    if instance.role == "replica":
+        return REPLICA_ROLE_REASON
     if channel.name is not None and channel.name in squatter_channels(instance) \
             and not instance.imapd.get(f"{channel.name}_sync_host"):
         return "read by squatter, not by sync_client"
@@ -134,6 +140,14 @@ def not_replicated_reason(instance: Instance, channel: Channel) -> str | None:
 def replication_channels(instance: Instance) -> list[Channel]:
     """The channels sync_client replays (every channel of sync_log_channels but squatter's)."""
     return [c for c in instance.channels if not_replicated_reason(instance, c) is None]
+
+
+def hostless_channels(instance: Instance) -> list[tuple[Channel, tuple[str, int | None]]]:
+    """Replication channels with neither `<channel>_sync_host` nor `sync_host`, each with the line
+    that creates it (sync_log_channels, or sync_log for the default channel alone): their events
+    pile up and no drain can ever replay them."""
+    key = "sync_log_channels" if instance.imapd.get("sync_log_channels") is not None else "sync_log"
+    return [(c, instance.imapd.where(key)) for c in replication_channels(instance) if not c.host]
 
 
 def rolling_channels(instance: Instance) -> set[str]:
@@ -173,6 +187,15 @@ def warnings(instance: Instance) -> list[str]:
     return [f"{e.path}:{e.line}: sync_client entry {e.name!r} reads channel "
             f"{entry_channel(e) or 'default'!r}, which sync_log_channels does not write"
             for e in instance.sync_client_entries if entry_channel(e) not in written]
+
+
+def hostless_message(channel: Channel, where: tuple[str, int | None]) -> str:
+    if channel.name:
+        what = f"channel {channel.name!r} has no {channel.name}_sync_host and there is no sync_host"
+    else:
+        what = "sync_log is on for the default channel but there is no sync_host"
+    return (f"{where[0]}:{where[1]}: {what}: its events could never be replicated, and every stop "
+            "would fail (exit 78) with them kept")
 
 
 # --------------------------------------------------------------------------- live readers

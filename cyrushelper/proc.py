@@ -18,6 +18,7 @@ import selectors
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 
@@ -168,7 +169,7 @@ def kill_session(sid: int) -> list[int]:
 def terminate(child: subprocess.Popen, grace: float) -> None:
     """End a child started with start_new_session=True: one SIGTERM to it (it ends what it started
     itself, e.g. a drain its sync_clients), then, if it is still running after `grace` seconds,
-    SIGKILL to its whole session; returns once it is reaped. Only the caller reaps `child`, so
+    SIGKILL to its whole session; returns once it is reaped and its session is empty (or 5 s later). Only the caller reaps `child`, so
     while it is unreaped its PID (= its session id) cannot have been reused."""
     if child.poll() is not None:
         return
@@ -180,6 +181,12 @@ def terminate(child: subprocess.Popen, grace: float) -> None:
         pass
     kill_session(child.pid)
     child.wait()
+    # SIGKILL is delivered at once but a process exits a moment later (later still in D state):
+    # return only when the session is empty, so no grandchild outlives us holding a lock
+    for _ in range(50):
+        if not session_members(child.pid):
+            break
+        time.sleep(0.1)
 
 
 def comm(pid: int) -> str | None:

@@ -6,16 +6,18 @@ set -eu
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bootstrap: run as root (installs Debian packages)" >&2; exit 1; }
 SDV=$(dpkg-query -W -f='${Version}' systemd)
-# Cyrus + SASL tools for the lab pair (and the programs Debian's default cyrus.conf names, which
-# socket mode's test renders with the real binaries); nspawn for the throwaway systemd; libsystemd-dev etc. to
-# build systemd-python; the rest builds the Debian package (tests/system/test_packaging_deb.py);
-# debootstrap builds the other Debian release's root for its containers (testbed/images.py).
+# Cyrus + SASL tools for the lab pair; pop3d/nntpd/httpd, which Debian's own cyrus.conf names (the
+# install test runs it untouched, socket mode renders it); nspawn for the throwaway systemd; libsystemd-dev etc. to build
+# systemd-python; debhelper..lintian build and check the Debian package, rpm..python3-installer the
+# Fedora one (tests/system/test_packaging_{deb,rpm}.py); debootstrap builds the other Debian
+# release's root for its containers (testbed/images.py); openssh-server gives the two-host
+# switchover test its sshd (run inside a container only).
 PKGS="cyrus-imapd cyrus-common cyrus-replication cyrus-admin cyrus-clients sasl2-bin
       cyrus-pop3d cyrus-nntpd cyrus-caldav
       systemd-container=$SDV libsystemd-dev=$SDV pkg-config gcc python3-venv python3-dev
       debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-jinja2
       python3-pyinotify python3-sdnotify python3-packaging python3-pytest python3-hypothesis
-      dpkg-dev fakeroot debootstrap"
+      dpkg-dev fakeroot lintian rpm rpmlint python3-build python3-installer debootstrap openssh-server"
 missing=""
 for p in $PKGS; do
   name=${p%%=*}

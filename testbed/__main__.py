@@ -5,6 +5,12 @@ them inside a throwaway systemd container (where the pair's loopback network liv
   load ROOT --record FILE [--seconds S] [--users alice,bob]  LMTP load until SIGTERM or S seconds
   deliver ROOT --record FILE --count N [--user alice]         N messages on one LMTP connection
   verify ROOT --record FILE [...]                              acknowledged vs present on the replica (JSON)
+  relay ROOT --record FILE --rate BYTES_PER_S                  throttling relay primary -> replica sync_server
+  expunge ROOT --imap HOST:PORT [--user alice] [--count 1]    expunge the last messages of INBOX as the user
+  create-switchable ROOT [--port-base N] [--only a|b] [--listen a=ADDR] [--peer a=ADDR]
+                                                               a switchable pair (README recipe)
+For a switchable pair, load/deliver take --lmtp HOST:PORT (repeatable: tried in turn, like an MTA)
+and verify takes --imap HOST:PORT (the side to check).
 """
 
 from __future__ import annotations
@@ -16,28 +22,43 @@ import sys
 import threading
 from pathlib import Path
 
-from testbed.mail import LmtpLoad, compare_storage, deliver_lmtp, verify_on_replica
-from testbed.pair import CyrusPair
+from testbed.mail import LOOPBACK, LmtpLoad, compare_storage, deliver_lmtp, expunge_last, verify_on_replica
+from testbed.pair import CyrusPair, SwitchablePair
+from testbed.relay import ThrottlingRelay
 
 
 def _pair(args) -> CyrusPair:
     channels = args.channels.split(",") if getattr(args, "channels", None) else None
     return CyrusPair(args.root, port_base=args.port_base, rolling=getattr(args, "rolling", False),
-                     channels=channels)
+                     channels=channels, sync_relay=getattr(args, "sync_relay", False))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("create", "load", "deliver", "verify"):
+    for name in ("create", "load", "deliver", "verify", "create-switchable", "expunge", "relay"):
         p = sub.add_parser(name)
         p.add_argument("root")
         p.add_argument("--port-base", type=int, default=11000)
+        if name == "create-switchable":
+            p.add_argument("--only", choices=("a", "b"))
+            p.add_argument("--listen", action="append", default=[], metavar="NAME=ADDR")
+            p.add_argument("--peer", action="append", default=[], metavar="NAME=ADDR")
+        if name in ("load", "deliver"):
+            p.add_argument("--lmtp", action="append", default=[], metavar="HOST:PORT")
+        if name == "verify":
+            p.add_argument("--imap", metavar="HOST:PORT", help="check this side (default: the pair's replica)")
+        if name == "expunge":
+            p.add_argument("--imap", metavar="HOST:PORT", required=True)
+            p.add_argument("--user", default="alice")
+            p.add_argument("--count", type=int, default=1)
         if name == "create":
             p.add_argument("--rolling", action="store_true")
             p.add_argument("--channels", help="comma-separated sync_log_channels ('\"\"' = default)")
-        if name in ("load", "deliver", "verify"):
+            p.add_argument("--sync-relay", action="store_true",
+                           help="the primary replicates through the relay port (start `relay` there)")
+        if name in ("load", "deliver", "verify", "relay"):
             p.add_argument("--record", action="append", required=True)
         if name == "load":
             p.add_argument("--seconds", type=float, default=60)
@@ -50,10 +71,26 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--count", type=int, required=True)
             p.add_argument("--user", default="alice")
             p.add_argument("--tag", default="backlog")
+        if name == "relay":
+            p.add_argument("--rate", type=float, required=True, help="bytes per second towards the replica")
         if name == "verify":
             p.add_argument("--storage", action="store_true", help="also compare UID+GUID per mailbox")
     args = parser.parse_args(argv)
+    if args.command == "create-switchable":
+        pair = SwitchablePair(args.root, args.port_base,
+                              listen_host=dict(x.split("=", 1) for x in args.listen) or None,
+                              peer_host=dict(x.split("=", 1) for x in args.peer) or None)
+        if pair.listen_host.keys() != set(pair.names) or pair.peer_host.keys() != set(pair.names):
+            parser.error("--listen and --peer need both a= and b= (or neither)")
+        pair.create(args.only)
+        print(json.dumps({"root": str(pair.root)}))
+        return 0
+    if args.command == "expunge":
+        host, _, port = args.imap.rpartition(":")
+        print(json.dumps({"expunged": expunge_last(int(port), args.user, args.count, host=host)}))
+        return 0
     pair = _pair(args)
+    endpoints = [(h, int(p)) for h, _, p in (x.rpartition(":") for x in getattr(args, "lmtp", []))]
 
     if args.command == "create":
         pair.create()
@@ -62,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "deliver":
-        n = deliver_lmtp(pair.ports.primary_lmtp, args.user, args.count, args.tag, args.record[0])
+        host, port = endpoints[0] if endpoints else (LOOPBACK, pair.ports.primary_lmtp)
+        n = deliver_lmtp(port, args.user, args.count, args.tag, args.record[0], host=host)
         print(json.dumps({"acknowledged": n}))
         return 0
 
@@ -71,20 +109,30 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *a: stopped.set())
         load = LmtpLoad(pair.ports.primary_lmtp, args.users.split(","), args.record[0],
                         max_seconds=args.seconds, max_messages=10**7, pause=args.pause,
-                        connection_per_message=args.connection_per_message).start()
+                        endpoints=endpoints or None, connection_per_message=args.connection_per_message).start()
         while load.running and not stopped.wait(0.2):
             pass
         stats = load.stop()
         result = {"acknowledged": stats.acknowledged, "failed": stats.failed,
-                  "connect_failures": stats.connect_failures, "outcomes": stats.outcomes,
-                  "max_greeting_wait": round(stats.max_greeting_wait, 3)}
+                  "connect_failures": stats.connect_failures,
+                  "refusals": [t for t, _ in load.refusals],
+                  "longest_gap": list(load.longest_gap()),
+                  "outcomes": stats.outcomes, "max_greeting_wait": round(stats.max_greeting_wait, 3)}
         if args.stats:
             Path(args.stats).write_text(json.dumps(result) + "\n")
         print(json.dumps(result), flush=True)
         return 0
 
+    if args.command == "relay":
+        relay = ThrottlingRelay(pair.ports.sync_relay, pair.ports.replica_sync, args.rate, args.record[0])
+        signal.signal(signal.SIGTERM, lambda *a: relay.stop())
+        relay.serve()
+        return 0
+
     if args.command == "verify":
-        report = verify_on_replica(pair.ports.replica_imap, args.record)
+        host, port = (args.imap.rpartition(":")[0], int(args.imap.rpartition(":")[2])) if args.imap \
+            else (LOOPBACK, pair.ports.replica_imap)
+        report = verify_on_replica(port, args.record, host=host)
         result = {"acknowledged": report.acknowledged, "present": report.present,
                   "missing": len(report.missing), "missing_sample": report.missing[:10],
                   "summary": report.summary()}

@@ -16,6 +16,7 @@ import threading
 import time
 
 from testbed.container import SystemdContainer
+from testbed.product import PRODUCT_VENV, build_wheelhouse
 from testbed.scenario import LabSystem, StopMeasure, new_workdir
 
 PRIMARY = "cyrus@primary.service"
@@ -69,9 +70,12 @@ def run(load_seconds: float, keep: bool) -> int:
     workdir = new_workdir("demo")
     say(f"cyrushelper demo - scratch directory {workdir}")
     try:
+        house = build_wheelhouse(workdir / "build")
+        say(f"built the wheel {house.wheel.name}: installed in the container as a user would "
+            f"(python3 -m venv {PRODUCT_VENV} && pip install)")
         with SystemdContainer(workdir) as box:
             say(f"booted a throwaway systemd as PID 1 in {box.boot_seconds:.2f}s")
-            lab = LabSystem(box, workdir, rolling=True).create()
+            lab = LabSystem(box, workdir, wheelhouse=house, rolling=True).create()
             lab.install_cyrushelper_units()
             lab.start(REPLICA, PRIMARY)
             say("real Cyrus 3.6 pair up: primary (rolling sync_client under master) -> replica\n")

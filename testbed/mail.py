@@ -174,10 +174,15 @@ class LmtpLoad:
 
     def __init__(self, port: int, users: list[str], record: os.PathLike | str, host: str = LOOPBACK,
                  max_messages: int = 20000, max_seconds: float = 60.0, tag: str | None = None,
-                 pause: float = 0.0, connection_per_message: bool = False):
+                 pause: float = 0.0, endpoints: list[tuple[str, int]] | None = None,
+                 connection_per_message: bool = False):
         if not users:
             raise ValueError("LmtpLoad needs at least one user")
         self.port = port
+        # like an MTA with several LMTP hosts: a refused connection or a 421 moves to the next one
+        self.endpoints = endpoints or [(host, port)]
+        self.refusals: list[tuple[float, str]] = []   # (time, what) of every refused attempt
+        self.ack_times: list[float] = []               # time.time() of every 250
         self.users = list(users)
         self.record_path = Path(record)
         self.host = host
@@ -213,6 +218,7 @@ class LmtpLoad:
     def _acknowledge(self, user: str, mid: str) -> None:
         self._record.add(user, mid)
         with self._lock:
+            self.ack_times.append(time.time())
             self.stats.acknowledged += 1
             self.stats.per_user[user] += 1
 
@@ -273,6 +279,9 @@ class LmtpLoad:
                 self._stop.wait(0.05)  # an MTA would retry much later; a short pause keeps counts readable
             elif self.pause:
                 self._stop.wait(self.pause)
+    def _refused(self, what: str) -> None:
+        with self._lock:
+            self.refusals.append((time.time(), what))
 
     def _run(self, user: str) -> None:
         if self.connection_per_message:
@@ -280,16 +289,21 @@ class LmtpLoad:
         deadline = self._started + self.max_seconds
         conn: smtplib.LMTP | None = None
         backoff = 0.05
+        endpoint = 0
         while not self._stop.is_set() and time.monotonic() < deadline:
             if conn is None:
+                host, port = self.endpoints[endpoint % len(self.endpoints)]
                 try:
-                    conn = smtplib.LMTP(self.host, self.port, timeout=10)
+                    conn = smtplib.LMTP(host, port, timeout=10)
                     backoff = 0.05
                 except (OSError, smtplib.SMTPException):
                     with self._lock:
                         self.stats.connect_failures += 1
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 1.0)
+                    self._refused(f"connect {host}:{port}")
+                    endpoint += 1
+                    if endpoint % len(self.endpoints) == 0:
+                        self._stop.wait(backoff)
+                        backoff = min(backoff * 2, 1.0)
                     continue
             number = self._next_number()
             if number is None:
@@ -297,11 +311,13 @@ class LmtpLoad:
             mid, body = message(self.tag, number, login_name(user))
             try:
                 conn.sendmail("sender@lab.test", [user], body)
-            except (OSError, smtplib.SMTPException):
+            except (OSError, smtplib.SMTPException) as e:
                 with self._lock:
                     self.stats.failed += 1
+                self._refused(f"{type(e).__name__} {getattr(e, 'smtp_code', '')}".strip())
                 _close(conn)
                 conn = None
+                endpoint += 1
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
@@ -314,6 +330,14 @@ class LmtpLoad:
             except (OSError, smtplib.SMTPException):
                 pass
             _close(conn)
+
+    def longest_gap(self) -> tuple[float, float]:
+        """(start, end) of the longest time without an acknowledged delivery: the write outage an
+        MTA saw (its own back-off included)."""
+        times = sorted(self.ack_times)
+        if len(times) < 2:
+            return (0.0, 0.0)
+        return max(zip(times, times[1:]), key=lambda pair: pair[1] - pair[0])
 
     def wait_acknowledged(self, count: int, timeout: float = 10.0) -> bool:
         """True once at least `count` messages were acknowledged (False after `timeout`)."""
@@ -489,3 +513,23 @@ def compare_storage(primary_conf: os.PathLike | str, replica_conf: os.PathLike |
                                           same=a is not None and a == b))
     return StorageComparison(primary_only=sorted(set(primary) - set(replica)),
                              replica_only=sorted(set(replica) - set(primary)), mailboxes=compared)
+
+
+def expunge_last(imap_port: int, user: str, count: int = 1, host: str = LOOPBACK) -> list[int]:
+    """As `user`, expunge the `count` highest UIDs of INBOX (on a replica: a change behind
+    replication's back, which the primary never hears of). Returns the UIDs removed."""
+    conn = imaplib.IMAP4(host, imap_port, timeout=30)
+    try:
+        conn.login(user, password_for(user))
+        conn.select("INBOX")
+        typ, data = conn.uid("SEARCH", None, "ALL")
+        uids = [int(u) for u in data[0].split()][-count:]
+        if uids:
+            conn.uid("STORE", ",".join(map(str, uids)), "+FLAGS.SILENT", r"(\Deleted)")
+            conn.expunge()
+        return uids
+    finally:
+        try:
+            conn.logout()
+        except (OSError, imaplib.IMAP4.error):
+            pass

@@ -158,6 +158,7 @@ def cyrus_pair(cyrus_pair_factory) -> CyrusPair:
 # ---- throwaway systemd container (helper B) ----
 
 from testbed.container import SystemdContainer, unavailable_reason  # noqa: E402
+from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 
 def require_container_host() -> None:
@@ -193,6 +194,41 @@ def systemd_container(tmp_path):
         print(f"--- container journal (boot {box.boot_seconds:.2f}s) ---\n{journal}")
 
 
+# ---- the product as users install it (testbed/product.py) ----
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory):
+    """The wheel of this checkout plus every dependency's wheel, built once per session on the host
+    (containers have no network); LabSystem installs it into a fresh venv under /opt per container."""
+    require_root_and_cyrus()
+    from testbed.product import build_wheelhouse
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture
+def lab_factory(request, wheelhouse):
+    """make(rolling=True, ...) -> a LabSystem (pair created, cyrushelper installed from the wheel
+    into /opt/cyrushelper) in a freshly booted container (testbed.scenario: the pair run by systemd
+    units, the end-to-end tests' test bed)."""
+    require_root_and_cyrus()
+    require_container_host()
+    made = []
+
+    def make(rolling: bool = True, **kwargs) -> LabSystem:
+        workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
+        container = SystemdContainer(workdir).__enter__()
+        made.append((workdir, container))
+        return LabSystem(container, workdir, wheelhouse=wheelhouse, rolling=rolling, **kwargs).create()
+
+    yield make
+    for workdir, container in made:
+        try:
+            print(f"--- journal of {workdir} ---\n{container.journal()[-15000:]}")
+        except Exception as e:  # the container may be what broke
+            print(f"(no journal: {e})")
+        container.__exit__(None, None, None)
+        if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
+            shutil.rmtree(workdir, ignore_errors=True)
 # ---- a Cyrus binary directory of do-nothing programs (socket mode's plan and units) ----
 
 FAKE_CYRUS_PROGRAMS = ("imapd", "lmtpd", "pop3d", "nntpd", "httpd", "timsieved", "notifyd", "sync_client",

@@ -2,15 +2,20 @@
 (PID 1 in a container whose root is an overlay: nothing reaches the host).
 
 What the maintainer scripts promise (packaging/debian/README.Debian):
+- the build is clean (no setuptools warning about our metadata; lintian --pedantic: no E/W/P);
+- `apt-get install ./cyrushelper_*.deb` pulls every runtime dependency;
 - installing starts nothing; the packaged cyrus@.service is what `cyrushelper generate` renders,
   so the admin copies only the per-instance drop-in;
-- an upgrade restarts every running instance through its stop path: nothing is lost;
-- removal stops -- and drains -- every running instance while the helper still exists.
+- an upgrade restarts every running instance through its stop path, one at a time, the local
+  replica first: the primary's drain succeeds and nothing is lost;
+- removal stops -- and drains -- every running instance while the helper still exists, the
+  primary before its replica.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -19,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from testbed.container import SystemdContainer
+from testbed.product import METADATA_NOISE, SYSTEM_PYTHON
 from testbed.scenario import LabSystem, new_workdir
 from tests.conftest import require_container_host, require_root_and_cyrus
 
@@ -27,6 +33,8 @@ pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parents[2]
 PRIMARY, REPLICA = "cyrus@primary.service", "cyrus@replica.service"
 BUILD_TOOLS = ("dpkg-buildpackage", "dh", "dh_python3")
+# What `Depends` must pull in (cyrus-common/-replication stay: the lab pair needs them installed).
+RUNTIME_DEPENDENCIES = ("python3-jinja2", "python3-markupsafe", "python3-pyinotify", "python3-sdnotify")
 DEBIAN_PYTHON_PACKAGES = ("python3-jinja2", "python3-pyinotify", "python3-sdnotify",
                           "pybuild-plugin-pyproject", "python3-pytest", "python3-hypothesis",
                           "python3-packaging")
@@ -46,11 +54,25 @@ def require_debian_build_tools() -> None:
     pytest.skip(reason)
 
 
+def check_build_output(output: str) -> None:
+    """No setuptools warning about our metadata (Debian 12's setuptools 66), and lintian --pedantic
+    with no E:/W:/P: line; every remaining I: tag justified in packaging/README.md."""
+    noise = [line for line in output.splitlines() if METADATA_NOISE.search(line)]
+    assert noise == [], "the Debian build warns about our metadata:\n" + "\n".join(noise)
+    tags = re.findall(r"^([EWPIXO]): cyrushelper[^:]*: (\S+)", output, re.M)
+    assert tags, "lintian did not run (install lintian: scripts/bootstrap.sh)\n" + output[-2000:]
+    assert [t for t in tags if t[0] in "EWP"] == [], tags
+    justified = (ROOT / "packaging" / "README.md").read_text()
+    for _, tag in tags:
+        assert tag in justified, f"lintian {tag}: say in packaging/README.md why it stays"
+
+
 def build_debs(out: Path) -> tuple[Path, Path]:
     """(the package, the same package as version VERSION+upgrade1) built from this checkout."""
     r = subprocess.run(["sh", str(ROOT / "packaging" / "build-deb.sh"), str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"build-deb.sh failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    check_build_output(r.stdout + r.stderr)
     (deb,) = out.glob("cyrushelper_*_all.deb")
     tree = out / "tree"
     subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
@@ -79,6 +101,41 @@ def invocation(box: SystemdContainer, unit: str) -> str:
     return box.show(unit, "InvocationID")["InvocationID"]
 
 
+def monotonic(box: SystemdContainer, unit: str, prop: str) -> int:
+    return int(box.show(unit, prop)[prop])
+
+
+def local_repository(directory: Path, packages: tuple[str, ...]) -> Path:
+    """A flat apt repository of these packages (the host's installed versions): from apt's cache,
+    else downloaded on the host (the container has no network)."""
+    directory.mkdir(parents=True)
+    for package in packages:
+        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        cached = list(Path("/var/cache/apt/archives").glob(f"{package}_{version.replace(':', '%3a')}_*.deb"))
+        if cached:
+            shutil.copy(cached[0], directory)
+        else:
+            subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=directory, check=True,
+                           capture_output=True, timeout=300)
+    index = subprocess.run(["dpkg-scanpackages", "--multiversion", "."], cwd=directory, capture_output=True,
+                           text=True, check=True).stdout
+    (directory / "Packages").write_text(index)
+    return directory
+
+
+def apt_install_offline(box: SystemdContainer, repo: Path, deb: Path) -> str:
+    """`apt-get install ./cyrushelper_*.deb` with only `repo` as package source."""
+    (repo / "local.list").write_text(f"deb [trusted=yes] file:{repo} ./\n")
+    options = ["-o", f"Dir::Etc::SourceList={repo}/local.list", "-o", "Dir::Etc::SourceParts=/nonexistent",
+               "-o", f"Dir::State::Lists={repo}/lists"]
+    (repo / "lists" / "partial").mkdir(parents=True)
+    box.run("apt-get", *options, "update", timeout=120)
+    r = box.run("apt-get", *options, "install", "-y", "--no-install-recommends", str(deb), timeout=300,
+                env={"DEBIAN_FRONTEND": "noninteractive"})
+    return r.stdout
+
+
 def test_deb_install_upgrade_remove_under_real_systemd(built_debs):
     require_container_host()
     deb, upgrade = built_debs
@@ -89,9 +146,19 @@ def test_deb_install_upgrade_remove_under_real_systemd(built_debs):
             # The host's policy-rc.d (if any) would veto the postinst's restart; the overlay
             # keeps this removal inside the container.
             box.run("rm", "-f", "/usr/sbin/policy-rc.d")
+            # The container is an overlay of this host, which has the Python dependencies: remove
+            # them inside, then `apt-get install ./deb` must bring every one back.
+            box.run("apt-get", "remove", "-y", *RUNTIME_DEPENDENCIES, timeout=300,
+                    env={"DEBIAN_FRONTEND": "noninteractive"})
+            assert box.run(SYSTEM_PYTHON, "-c", "import jinja2", check=False).returncode != 0
+            repo = local_repository(workdir / "repo", RUNTIME_DEPENDENCIES)
             t0 = time.monotonic()
-            box.run("dpkg", "-i", str(deb), timeout=120)
+            apt_output = apt_install_offline(box, repo, deb)
             install_seconds = time.monotonic() - t0
+            for package in RUNTIME_DEPENDENCIES:
+                status = box.run("dpkg-query", "-W", "-f=${Status}", package, check=False).stdout
+                assert status == "install ok installed", f"{package} not pulled in:\n{apt_output}"
+            assert box.run("/usr/bin/cyrushelper", "--version").stdout.startswith("cyrushelper ")
             assert box.show("cyrus.service", "ActiveState")["ActiveState"] == "inactive"
             assert box.systemctl("is-enabled", "cyrus.service", check=False).stdout.strip() == "disabled"
 
@@ -120,6 +187,9 @@ def test_deb_install_upgrade_remove_under_real_systemd(built_debs):
                 props = box.show(unit, "ActiveState", "InvocationID")
                 assert props["ActiveState"] == "active", f"{unit} after upgrade\n{r.stderr}\n{box.journal(unit)[-3000:]}"
                 assert props["InvocationID"] != before[unit], f"{unit} was not restarted by the upgrade"
+            # one at a time, replica first: it was serving again before the primary began to stop
+            assert monotonic(box, REPLICA, "ActiveEnterTimestampMonotonic") <= \
+                monotonic(box, PRIMARY, "ActiveExitTimestampMonotonic"), "replica and primary restarted together"
             drain = lab.state_file("last-drain.json")
             assert drain is not None and drain["result"] == "drained", \
                 f"the upgrade's restart did not go through a successful drain: {drain}"
@@ -128,6 +198,8 @@ def test_deb_install_upgrade_remove_under_real_systemd(built_debs):
             t0 = time.monotonic()
             r = box.run("dpkg", "-r", "cyrushelper", timeout=600)
             remove_seconds = time.monotonic() - t0
+            assert monotonic(box, PRIMARY, "InactiveEnterTimestampMonotonic") <= \
+                monotonic(box, REPLICA, "ActiveExitTimestampMonotonic"), "the replica stopped before the primary drained"
             for unit in (PRIMARY, REPLICA):
                 props = box.show(unit, "ActiveState", "Result")
                 assert (props["ActiveState"], props["Result"]) == ("inactive", "success"), \

@@ -60,11 +60,12 @@ def status_json(lab: LabSystem, which: str = "primary") -> dict:
     return json.loads(r.stdout)
 
 
-def restarts_under_load(workdir: Path, mode: str) -> dict:
-    """Start the pair in `mode`, put LMTP load on the primary (a connection per message), restart
-    it RESTARTS times, each once deliveries went on after the previous one; stop; verify."""
+def restarts_under_load(workdir: Path, mode: str, wheelhouse) -> dict:
+    """Start the pair in `mode` (cyrushelper installed from the wheel), put LMTP load on the primary
+    (a connection per message), restart it RESTARTS times, each once deliveries went on after the
+    previous one; stop; verify."""
     with SystemdContainer(workdir) as box:
-        lab = LabSystem(box, workdir, rolling=True).create()
+        lab = LabSystem(box, workdir, wheelhouse=wheelhouse, rolling=True).create()
         lab.install_cyrushelper_units(listeners=mode)
         lab.start(REPLICA, PRIMARY)
         before = status_json(lab)
@@ -92,9 +93,9 @@ def restarts_under_load(workdir: Path, mode: str) -> dict:
                 "journal": lab.journal(PRIMARY)}
 
 
-def test_restarts_under_lmtp_load_refuse_no_connection_in_socket_mode(workdirs):
-    sockets = restarts_under_load(workdirs("restart-systemd"), "systemd")
-    master = restarts_under_load(workdirs("restart-master"), "master")
+def test_restarts_under_lmtp_load_refuse_no_connection_in_socket_mode(workdirs, wheelhouse):
+    sockets = restarts_under_load(workdirs("restart-systemd"), "systemd", wheelhouse)
+    master = restarts_under_load(workdirs("restart-master"), "master", wheelhouse)
     for run in (sockets, master):
         print(f"{run['mode']:>7}: {RESTARTS} restarts {run['restart_seconds']} s; client outcomes "
               f"{run['outcomes']}; longest connect-to-greeting {run['max_greeting_wait']} s; "
@@ -198,16 +199,19 @@ def test_debian_default_configuration_in_socket_mode(workdirs, release):
     systemd-analyze and expose at most 3.0; an entry whose package is missing is refused by
     file:line (Debian 13 ships no pop3d, nntpd, httpd in this image)."""
     workdir = workdirs(f"debian-default-{release}")
-    # the checkout's cyrushelper run by the release's python3: only generate and the lint run here
+    # the checkout's cyrushelper run by the release's python3, with the checkout's templates: only
+    # generate and the lint run here (the product's install is the other tests' business; the
+    # wheelhouse holds the host Python's wheels, not Debian 13's)
     launcher = workdir / "cyrushelper"
     launcher.write_text(f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
                         "from cyrushelper.cli import main\nsys.exit(main())\n")
     launcher.chmod(0o755)
+    templates = ("--templates", str(ROOT / "templates"))
     with SystemdContainer(workdir, root=images.container_root(release)) as box:
         conf = workdir / "cyrus.conf"
         box.run("cp", "/etc/cyrus.conf", str(conf))
         r = box.run(str(launcher), "generate", "--listeners", "systemd", "--output", str(workdir / "all"),
-                    "--helper", str(launcher), check=False, timeout=60)
+                    "--helper", str(launcher), *templates, check=False, timeout=60)
         refused = re.findall(r"/etc/cyrus\.conf:(\d+): SERVICES entry '(\w+)': no executable", r.stderr)
         if r.returncode != 0:
             assert r.returncode == 78 and refused, r.stderr
@@ -219,7 +223,7 @@ def test_debian_default_configuration_in_socket_mode(workdirs, release):
         out = workdir / "units"
         r = box.run(str(launcher), "generate", "--listeners", "systemd", "--cyrus-conf", str(conf),
                     "--unit-cyrus-conf", "/etc/cyrus.conf", "--output", str(out), "--helper", str(launcher),
-                    check=False, timeout=60)
+                    *templates, check=False, timeout=60)
         assert r.returncode == 0, r.stderr
         lint, exposure = _lint_inside(box, out)
         version = box.run("systemctl", "--version").stdout.split("\n")[0]

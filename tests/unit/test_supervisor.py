@@ -16,6 +16,7 @@ import pytest
 
 from cyrushelper import exitcodes, proc
 from tests.unit.test_supervisor_fakes import FakeCyrus, NotifySocket
+from tests.bounds import upper
 
 
 @pytest.fixture
@@ -132,7 +133,8 @@ def test_stuck_child_bounded_stop_kills_session_and_marks_unclean(fake, notify, 
     t0 = time.monotonic()
     h.signal()
     assert h.wait() == exitcodes.UNCLEAN_STOP, h.output
-    assert 1.4 < time.monotonic() - t0 < 8
+    # waited for --stop-timeout (a lower bound by construction), then escalated instead of hanging
+    assert 1.5 <= time.monotonic() - t0 < upper(1.5, work=2)
     assert fake.count("master SIGTERM") == 1
     assert proc.session_members(master) == []
     statuses = [f.get("STATUS", "") for _, f in notify.drain()]
@@ -345,7 +347,7 @@ def test_unclean_marker_auto_reconciles_each_channel_and_clears(short_tmp, notif
 def test_failed_reconcile_keeps_marker(fake, notify, helpers):
     marker = _write_marker(fake)
     h = helpers(fake, notify, extra=["--reconcile", "auto"], FAKE_SYNC_CLIENT_EXIT="1")
-    notify.wait_for("STATUS", predicate=lambda s: "reconcile after unclean stop FAILED" in s)
+    notify.wait_for("STATUS", predicate=lambda s: "reconcile FAILED" in s and "marker kept" in s)
     assert marker.exists()
     h.signal()
     assert h.wait() == 0
