@@ -10,6 +10,9 @@ version `master -V` reports, never assumed.
   (2025-03, "Pending SIGCHLD signals … can be ignored by pselect"), released in 3.12.0 and
   backported to 3.10.2 and 3.8.6 (the 3.6 branch has no fix; Debian 12 ships 3.6.1, Debian 13
   3.10.2).
+- Which program a cyrus.conf command runs (`resolve_command`): master runs a relative name from
+  its binary directory; Debian's `/usr/sbin/cyrus NAME` wrapper runs NAME, cyr_NAME or ctl_NAME
+  from there (and `check` is chk_cyrus), so Debian's `cyrus expire` is cyr_expire.
 """
 
 from __future__ import annotations
@@ -78,3 +81,24 @@ def has_shutdown_hang(version: Version | None) -> bool:
         return True
     fixed = SHUTDOWN_HANG_FIXED.get(version[:2], (3, 12, 0))
     return version < fixed
+
+
+DEBIAN_WRAPPER = "cyrus"
+
+
+def resolve_command(words: list[str], bindir: Path | None = None) -> tuple[str, ...]:
+    """The command as the program that really runs, by absolute path, and its arguments;
+    LookupError naming what was looked for when no such executable exists."""
+    directory = bindir or bin_dir()
+    if len(words) > 1 and os.path.basename(words[0]) == DEBIAN_WRAPPER:
+        name, rest = words[1], words[2:]
+        candidates = [directory / name, directory / f"cyr_{name}", directory / f"ctl_{name}"]
+        if name == "check":
+            candidates.append(directory / "chk_cyrus")
+    else:
+        name, rest = words[0], words[1:]
+        candidates = [Path(name) if name.startswith("/") else directory / name]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return (str(candidate), *rest)
+    raise LookupError(" nor ".join(str(c) for c in candidates))

@@ -20,6 +20,7 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from testbed.mail import LOOPBACK, LmtpLoad, compare_storage, deliver_lmtp, expunge_last, verify_on_replica
 from testbed.pair import CyrusPair, SwitchablePair
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--seconds", type=float, default=60)
             p.add_argument("--users", default="alice,bob")
             p.add_argument("--pause", type=float, default=0.0, help="seconds between messages per user")
+            p.add_argument("--connection-per-message", action="store_true",
+                           help="a new LMTP connection for every message (an MTA without caching)")
+            p.add_argument("--stats", help="write the final counts (JSON) to this file")
         if name == "deliver":
             p.add_argument("--count", type=int, required=True)
             p.add_argument("--user", default="alice")
@@ -105,14 +109,18 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *a: stopped.set())
         load = LmtpLoad(pair.ports.primary_lmtp, args.users.split(","), args.record[0],
                         max_seconds=args.seconds, max_messages=10**7, pause=args.pause,
-                        endpoints=endpoints or None).start()
+                        endpoints=endpoints or None, connection_per_message=args.connection_per_message).start()
         while load.running and not stopped.wait(0.2):
             pass
         stats = load.stop()
-        print(json.dumps({"acknowledged": stats.acknowledged, "failed": stats.failed,
-                          "connect_failures": stats.connect_failures,
-                          "refusals": [t for t, _ in load.refusals],
-                          "longest_gap": list(load.longest_gap())}), flush=True)
+        result = {"acknowledged": stats.acknowledged, "failed": stats.failed,
+                  "connect_failures": stats.connect_failures,
+                  "refusals": [t for t, _ in load.refusals],
+                  "longest_gap": list(load.longest_gap()),
+                  "outcomes": stats.outcomes, "max_greeting_wait": round(stats.max_greeting_wait, 3)}
+        if args.stats:
+            Path(args.stats).write_text(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
         return 0
 
     if args.command == "relay":

@@ -150,6 +150,18 @@ class LoadStats:
     connect_failures: int = 0
     per_user: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # what an MTA would have seen, by kind (connection-per-message mode; see LmtpLoad._deliver_once)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    max_greeting_wait: float = 0.0   # longest connect-to-greeting time of a delivered message
+
+
+# How a delivery attempt can end, as an MTA sees it (LmtpLoad with connection_per_message):
+OUTCOMES = ("acknowledged",   # 250 after DATA: recorded
+            "refused",        # connect() refused: nobody listens
+            "reset",          # connected, then closed or reset before the greeting
+            "tempfail",       # a 4xx answer (421 fence, 451 ...): the MTA keeps the message queued
+            "cut",            # connection lost during the transaction, after the greeting
+            "other")          # anything else (timeouts, 5xx)
 
 
 class LmtpLoad:
@@ -162,7 +174,8 @@ class LmtpLoad:
 
     def __init__(self, port: int, users: list[str], record: os.PathLike | str, host: str = LOOPBACK,
                  max_messages: int = 20000, max_seconds: float = 60.0, tag: str | None = None,
-                 pause: float = 0.0, endpoints: list[tuple[str, int]] | None = None):
+                 pause: float = 0.0, endpoints: list[tuple[str, int]] | None = None,
+                 connection_per_message: bool = False):
         if not users:
             raise ValueError("LmtpLoad needs at least one user")
         self.port = port
@@ -177,7 +190,8 @@ class LmtpLoad:
         self.max_seconds = max_seconds
         self.tag = tag or f"load{os.getpid()}x{int(time.time() * 1000) % 10**9}"
         self.pause = pause
-        self.stats = LoadStats(per_user={u: 0 for u in self.users})
+        self.connection_per_message = connection_per_message
+        self.stats = LoadStats(per_user={u: 0 for u in self.users}, outcomes={k: 0 for k in OUTCOMES})
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._numbers = itertools.count()
@@ -201,11 +215,77 @@ class LmtpLoad:
             self.stats.attempted += 1
             return next(self._numbers)
 
+    def _acknowledge(self, user: str, mid: str) -> None:
+        self._record.add(user, mid)
+        with self._lock:
+            self.ack_times.append(time.time())
+            self.stats.acknowledged += 1
+            self.stats.per_user[user] += 1
+
+    def _deliver_once(self, user: str, number: int) -> str:
+        """One message on a connection of its own, as an MTA without connection caching sends it:
+        connect, greeting, LHLO, MAIL, RCPT, DATA, QUIT. Returns its outcome (OUTCOMES)."""
+        mid, body = message(self.tag, number, login_name(user))
+        t0 = time.monotonic()
+        try:
+            conn = smtplib.LMTP(self.host, self.port, timeout=30)
+        except ConnectionRefusedError:
+            return "refused"
+        except (ConnectionResetError, smtplib.SMTPServerDisconnected, BrokenPipeError):
+            return "reset"
+        except smtplib.SMTPConnectError as e:
+            return "tempfail" if 400 <= e.smtp_code < 500 else "other"
+        except (OSError, smtplib.SMTPException):
+            return "other"
+        with self._lock:
+            self.stats.max_greeting_wait = max(self.stats.max_greeting_wait, time.monotonic() - t0)
+        try:
+            conn.sendmail("sender@lab.test", [user], body)
+            self._acknowledge(user, mid)
+        except smtplib.SMTPResponseException as e:
+            _close(conn)
+            return "tempfail" if 400 <= e.smtp_code < 500 else "other"
+        except smtplib.SMTPRecipientsRefused as e:
+            _close(conn)
+            codes = [code for code, _ in e.recipients.values()]
+            return "tempfail" if all(400 <= c < 500 for c in codes) else "other"
+        except (OSError, smtplib.SMTPServerDisconnected):
+            _close(conn)
+            return "cut"
+        except smtplib.SMTPException:
+            _close(conn)
+            return "other"
+        try:
+            conn.quit()
+        except (OSError, smtplib.SMTPException):
+            pass
+        _close(conn)
+        return "acknowledged"
+
+    def _run_connection_per_message(self, user: str) -> None:
+        deadline = self._started + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            number = self._next_number()
+            if number is None:
+                break
+            outcome = self._deliver_once(user, number)
+            with self._lock:
+                self.stats.outcomes[outcome] += 1
+                if outcome in ("refused", "reset"):
+                    self.stats.connect_failures += 1
+                elif outcome != "acknowledged":
+                    self.stats.failed += 1
+            if outcome != "acknowledged":
+                self._stop.wait(0.05)  # an MTA would retry much later; a short pause keeps counts readable
+            elif self.pause:
+                self._stop.wait(self.pause)
     def _refused(self, what: str) -> None:
         with self._lock:
             self.refusals.append((time.time(), what))
 
     def _run(self, user: str) -> None:
+        if self.connection_per_message:
+            return self._run_connection_per_message(user)
         deadline = self._started + self.max_seconds
         conn: smtplib.LMTP | None = None
         backoff = 0.05
@@ -241,11 +321,7 @@ class LmtpLoad:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            self._record.add(user, mid)
-            with self._lock:
-                self.ack_times.append(time.time())
-                self.stats.acknowledged += 1
-                self.stats.per_user[user] += 1
+            self._acknowledge(user, mid)
             if self.pause:
                 self._stop.wait(self.pause)
         if conn is not None:

@@ -111,14 +111,16 @@ class LabSystem:
         return self
 
     def install_cyrushelper_units(self, *, replica_local: bool = True,
-                                  extra_dropin: dict[str, str] | None = None) -> None:
+                                  extra_dropin: dict[str, str] | None = None, listeners: str = "master") -> None:
         """cyrus@primary + cyrus@replica (+ the umbrella cyrus.service) the README's way: `generate`
         by the installed helper (which then renders its own path), `cp -R OUT/. /etc/systemd/system/`,
-        daemon-reload. `extra_dropin`: tuning drop-ins, as `systemctl edit cyrus@NAME` would write."""
+        daemon-reload. `extra_dropin`: tuning drop-ins, as `systemctl edit cyrus@NAME` would write.
+        `listeners`: `generate --listeners` (master, or systemd for socket mode)."""
         for which in ("replica", "primary"):
             out = self.workdir / f"units-{which}"
             args = ["generate", "--imapd-conf", str(self.pair.imapd_conf(which)),
-                    "--cyrus-conf", str(self.pair.cyrus_conf(which)), "--instance", which, "--output", str(out)]
+                    "--cyrus-conf", str(self.pair.cyrus_conf(which)), "--instance", which, "--output", str(out),
+                    "--listeners", listeners]
             if which == "primary" and replica_local:
                 args += ["--replica-instance", "replica"]
             r = self.cyrushelper(*args, timeout=60)
@@ -154,13 +156,16 @@ class LabSystem:
             journal = "\n".join(self.c.journal(u)[-3000:] for u in units)
             raise RuntimeError(f"systemctl start {' '.join(units)} failed: {r.stderr}\n{journal}")
 
-    def start_load(self, seconds: float = 60, users: str = "alice,bob", pause: float = 0.0) -> tuple[str, Path]:
-        """LMTP load on the primary as a transient unit; returns (unit, record file)."""
+    def start_load(self, seconds: float = 60, users: str = "alice,bob", pause: float = 0.0,
+                   connection_per_message: bool = False) -> tuple[str, Path]:
+        """LMTP load on the primary as a transient unit; returns (unit, record file). Its final
+        counts (LoadStats, by outcome) land in `<record>.stats` once the unit stopped."""
         self._loads += 1
         unit = f"lab-load-{self._loads}.service"
         record = self.workdir / f"load-{self._loads}.record"
         self.lab_unit(unit, "load", "--record", str(record), "--seconds", str(seconds), "--users", users,
-                      "--pause", str(pause))
+                      "--pause", str(pause), "--stats", f"{record}.stats",
+                      *(["--connection-per-message"] if connection_per_message else []))
         return unit, record
 
     def lab_unit(self, unit: str, command: str, *args: str) -> None:
@@ -169,6 +174,10 @@ class LabSystem:
                    *[f"--setenv={k}={v}" for k, v in self.c.python_env.items()],
                    self.python, "-m", "testbed", command, str(self.pair.root),
                    "--port-base", str(self.pair.port_base), *args)
+
+    def load_stats(self, record: Path) -> dict:
+        """The counts a stopped load wrote (see start_load)."""
+        return json.loads(Path(f"{record}.stats").read_text())
 
     def start_relay(self, rate: float) -> tuple[str, Path]:
         """The throttling relay (testbed.relay) on the pair's relay port as a transient unit;

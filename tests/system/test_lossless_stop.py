@@ -12,6 +12,11 @@ What the product promises an operator:
 - a drain longer than TimeoutStopSec completes (EXTEND_TIMEOUT_USEC pulses);
 - a child that ignores SIGTERM gives a bounded stop, an unclean marker, reported by `status`;
 - the fence's grace waits for user sessions only, not for master's DAEMON children (3.10 lists them).
+
+The promises that do not depend on who stops Cyrus's processes hold in socket mode too
+(`generate --listeners systemd`: no master, systemd holds the sockets, the instance's own process
+stops the workers): those tests run in both modes (`mode`). Restarts that keep the sockets are
+tests/system/test_socket_mode.py.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ pytestmark = [pytest.mark.system,
 
 PRIMARY = "cyrus@primary.service"
 REPLICA = "cyrus@replica.service"
+MODES = ("master", "systemd")  # generate --listeners
 
 
 def _started(lab: LabSystem, **kwargs) -> LabSystem:
@@ -51,8 +57,9 @@ def _drain_lines(journal: str) -> list[str]:
 HANG_FIXED = {"trixie"}
 
 
-def test_stop_under_load_is_lossless(lab_factory, release):
-    lab = _started(lab_factory(rolling=True))
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_under_load_is_lossless(lab_factory, release, mode):
+    lab = _started(lab_factory(rolling=True), listeners=mode)
     assert lab.c.show(PRIMARY, "StatusText")["StatusText"].startswith("backlog")
     load, record = lab.start_load(seconds=120)
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300, "load did not get going"
@@ -71,7 +78,7 @@ def test_stop_under_load_is_lossless(lab_factory, release):
     hung = bool(lab.state_file("last-stop.json").get("master_hung_after_children"))
     if release in HANG_FIXED:
         assert not hung, "Cyrus with the #5309 fix hung after its last child"
-    print(f"{release}: stop took {stop.seconds:.2f}s, master hung after its children: {hung}; "
+    print(f"{release}/{mode}: stop took {stop.seconds:.2f}s, master hung after its children: {hung}; "
           f"{report['summary']}; drain: {json.dumps(drain)[:400]}")
 
 
@@ -118,8 +125,9 @@ def test_restart_under_load_is_lossless(lab_factory):
     assert lab.unexpected_sigterm_lines() == []
 
 
-def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory):
-    lab = _started(lab_factory(rolling=True))
+@pytest.mark.parametrize("mode", MODES)
+def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory, mode):
+    lab = _started(lab_factory(rolling=True), listeners=mode)
     load, record = lab.start_load(seconds=120)
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
 
@@ -140,9 +148,10 @@ def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory):
     assert lab.unexpected_sigterm_lines() == []
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rolling,recovery", [(True, "drain"), (False, "start")])
-def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, rolling, recovery):
-    lab = _started(lab_factory(rolling=rolling),
+def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, rolling, recovery, mode):
+    lab = _started(lab_factory(rolling=rolling), listeners=mode,
                    extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_DRAIN_OPTS=--deadline 20\"\n"})
     lab.c.systemctl("stop", REPLICA)
     record = lab.deliver(200, tag="replicadown")
@@ -213,7 +222,8 @@ def test_drain_longer_than_timeout_stop_sec_completes(lab_factory):
           f"{len(extends)} EXTEND pulses, whole stop {stop.seconds:.2f}s")
 
 
-def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory):
+@pytest.mark.parametrize("mode", MODES)
+def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory, mode):
     lab = lab_factory(rolling=True)
     stubborn = lab.workdir / "ignore-term.sh"
     stubborn.write_text("#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 1; done\n")
@@ -223,8 +233,8 @@ def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory):
     conf = conf.replace("DAEMON {\n", "DAEMON {\n" + entry) if "DAEMON {" in conf else conf + f"DAEMON {{\n{entry}}}\n"
     lab.pair.primary_cyrus_conf.write_text(conf)
     stop_timeout = 4
-    _started(lab, extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_RUN_OPTS=--stop-timeout "
-                                           f"{stop_timeout}\"\n"})
+    _started(lab, listeners=mode, extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_RUN_OPTS="
+                                                          f"--stop-timeout {stop_timeout}\"\n"})
     record = lab.deliver(50, tag="stubborn")
 
     stop = lab.stop(PRIMARY)

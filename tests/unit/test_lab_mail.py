@@ -153,6 +153,53 @@ def test_load_tolerates_refused_connections_and_stops_promptly(tmp_path):
     assert record_lines(tmp_path / "rec") == []
 
 
+@pytest.mark.parametrize("fake_lmtp", [2], indirect=True)
+def test_load_with_a_connection_per_message_counts_every_outcome(fake_lmtp, tmp_path):
+    # 2 messages per connection are accepted, then 421: with a new connection per message, never
+    load = LmtpLoad(fake_lmtp.port, ["alice", "bob"], tmp_path / "rec", max_messages=12,
+                    connection_per_message=True).start()
+    deadline = time.monotonic() + 20
+    while load.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = load.stop()
+    assert stats.outcomes["acknowledged"] == stats.acknowledged == 12 == len(record_lines(tmp_path / "rec"))
+    assert sum(stats.outcomes.values()) == 12 and stats.max_greeting_wait > 0
+
+
+def test_load_with_a_connection_per_message_classifies_refusals(tmp_path):
+    with socket.socket() as s:  # nobody listens: refused
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    mute = socket.socket()      # accepts, then closes without a greeting: reset
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    stop = threading.Event()
+
+    def hang_up():
+        mute.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                mute.accept()[0].close()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    try:
+        for port, outcome in ((closed_port, "refused"), (mute.getsockname()[1], "reset")):
+            load = LmtpLoad(port, ["alice"], tmp_path / f"rec-{outcome}", max_messages=3,
+                            connection_per_message=True).start()
+            deadline = time.monotonic() + 20
+            while load.running and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stats = load.stop()
+            assert stats.outcomes[outcome] == 3 and stats.acknowledged == 0, stats.outcomes
+    finally:
+        stop.set()
+        t.join()
+        mute.close()
+
+
 def test_load_respects_max_seconds(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
