@@ -78,9 +78,12 @@ def restarts_under_load(workdir: Path, mode: str, wheelhouse, release: str) -> d
             r = box.systemctl("restart", PRIMARY, check=False, timeout=300)
             seconds.append(round(time.monotonic() - t0, 2))
             assert r.returncode == 0, f"{r.stderr}\n{lab.journal(PRIMARY)[-4000:]}"
-            after = lab.wait_acknowledged(record, acked + 50, timeout=120)
-            assert after >= acked + 50, f"no deliveries after restart {len(seconds)}"
-            acked = after
+            # Counted from the restart's end: acknowledgements before it came from the old workers,
+            # whose counts the restart reset. A few the old workers served may still be written to
+            # the record after it (the client's own latency), hence 60 waited for, 50 asserted.
+            since_restart = lab.wait_acknowledged(record, 0)
+            acked = lab.wait_acknowledged(record, since_restart + 60, timeout=120)
+            assert acked >= since_restart + 60, f"no deliveries after restart {len(seconds)}"
         during = status_json(lab)
         lab.stop_load(load)
         stats = lab.load_stats(record)
@@ -121,7 +124,7 @@ def test_restarts_under_lmtp_load_refuse_no_connection_in_socket_mode(workdirs, 
     lmtp = services["lmtp"]
     assert lmtp["socket"] == "cyrus-primary-lmtp.socket" and lmtp["serves"] == "ok"
     assert lmtp["workers"]["total"] == 10 and lmtp["workers"]["down"] == 0
-    assert lmtp["connections_served"] >= 50  # since the last restart
+    assert lmtp["connections_served"] >= 50  # since the last restart (60 acknowledged since)
     fresh = {s["service"]: s["workers"] for s in sockets["status_before"]["services"]}["lmtp"]
     assert fresh["busy"] + fresh["idle"] == 10
 
