@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -116,3 +117,73 @@ def test_stop_force_writes_fence_with_message(fake):
 def test_stop_refuses_bad_message_and_grace(fake):
     assert _stop(fake, "--message", "a\nb").returncode == exitcodes.USAGE
     assert _stop(fake, "--grace", "-1").returncode == exitcodes.USAGE
+
+
+# --------------------------------------------------------------------------- deliveries in flight
+
+@pytest.fixture
+def lmtp_listener(fake):
+    """Stands in for lmtpd on the fake cyrus.conf's LMTP port: (listener, accept())."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", fake.lmtp_port))
+    listener.listen(8)
+    opened = [listener]
+
+    def connect() -> socket.socket:
+        opened.append(socket.create_connection(("127.0.0.1", fake.lmtp_port)))
+        opened.append(listener.accept()[0])
+        return opened[-1]
+    yield connect
+    for s in opened:
+        s.close()
+
+
+def test_deliveries_are_the_lmtp_connections_open_at_the_fence(instance, fake, lmtp_listener):
+    assert [str(listen) for listen in fence.delivery_listeners(instance)] == [f"127.0.0.1:{fake.lmtp_port}"]
+    first, second = lmtp_listener(), lmtp_listener()
+    with socket.socket() as imap:  # an IMAP connection is a session (proc_path), not a delivery
+        imap.bind(("127.0.0.1", fake.imap_port))
+        imap.listen(1)
+        deliveries = fence.Deliveries(instance)
+    assert deliveries.left() == {os.fstat(s.fileno()).st_ino for s in (first, second)}
+    lmtp_listener()  # opened after the fence: MAIL would get 421, it cannot be inside a transaction
+    first.close()
+    assert deliveries.left() == {os.fstat(second.fileno()).st_ino}
+
+
+def test_grace_waits_for_an_open_delivery_and_ends_when_it_closes(instance, fake, lmtp_listener):
+    server_side = lmtp_listener()
+    deliveries = fence.Deliveries(instance)
+    threading.Timer(0.4, server_side.close).start()
+    t0 = time.monotonic()
+    left = fence.wait_for_sessions(instance, grace=10, deliveries=deliveries)
+    assert left == [] and deliveries.left() == set()
+    assert 0.3 < time.monotonic() - t0 < 5
+
+
+def test_grace_for_deliveries_is_bounded(instance, fake, lmtp_listener):
+    lmtp_listener()
+    deliveries = fence.Deliveries(instance)
+    t0 = time.monotonic()
+    fence.wait_for_sessions(instance, grace=0.6, deliveries=deliveries)
+    assert 0.5 < time.monotonic() - t0 < 3
+    assert len(deliveries.left()) == 1
+
+
+def test_stop_waits_for_a_delivery_in_flight(fake, lmtp_listener):
+    server_side = lmtp_listener()
+    stop = subprocess.Popen([sys.executable, "-m", "cyrushelper", "stop", *fake.args(), "--force", "--grace", "60"],
+                            env=fake.env(), stderr=subprocess.PIPE, text=True)
+    try:
+        said = stop.stderr.readline()
+        assert "0 session(s) and 1 LMTP connection(s) open" in said, said
+        with pytest.raises(subprocess.TimeoutExpired):
+            stop.wait(timeout=1.5)  # still waiting: the delivery may be inside a transaction
+        server_side.close()
+        assert stop.wait(timeout=30) == 0
+        assert "no session and no LMTP delivery left" in stop.stderr.read()
+    finally:
+        if stop.poll() is None:
+            stop.kill()
+            stop.wait()
