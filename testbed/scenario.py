@@ -163,16 +163,30 @@ class LabSystem:
             journal = "\n".join(self.c.journal(u)[-3000:] for u in units)
             raise RuntimeError(f"systemctl start {' '.join(units)} failed: {r.stderr}\n{journal}")
 
-    def start_load(self, seconds: float = 60, users: str = "alice,bob", pause: float = 0.0) -> tuple[str, Path]:
-        """LMTP load on the primary as a transient unit; returns (unit, record file)."""
+    def start_load(self, seconds: float = 60, users: str = "alice,bob", pause: float = 0.0,
+                   hold_user: str | None = None) -> tuple[str, Path]:
+        """LMTP load on the primary as a transient unit; returns (unit, record file). The load
+        retries like an MTA and counts every attempt (load_stats() once stopped). `hold_user` adds
+        a slow sender whose body is still arriving when the primary's fence goes up (it goes on
+        1 s later; `record.holding` exists once it waits)."""
         self._loads += 1
         unit = f"lab-load-{self._loads}.service"
         record = self.workdir / f"load-{self._loads}.record"
+        hold = ["--hold-user", hold_user, "--hold-until", str(self.instance().fence_file)] if hold_user else []
         self.c.run("systemd-run", f"--unit={unit}", "--quiet", "--property=KillMode=mixed",
                    self.python, "-m", "testbed", "load", str(self.pair.root),
                    "--port-base", str(self.pair.port_base), "--record", str(record),
-                   "--seconds", str(seconds), "--users", users, "--pause", str(pause))
+                   "--stats", str(self._stats_path(record)), "--seconds", str(seconds), "--users", users,
+                   "--pause", str(pause), *hold)
         return unit, record
+
+    @staticmethod
+    def _stats_path(record: Path) -> Path:
+        return record.with_name(record.name + ".stats.json")
+
+    def load_stats(self, record: Path) -> dict:
+        """What the stopped load saw: testbed.mail.LoadStats.as_dict()."""
+        return json.loads(self._stats_path(record).read_text())
 
     def wait_acknowledged(self, record: Path, count: int, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
