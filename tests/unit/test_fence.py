@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -101,11 +102,40 @@ def _stop(fake, *extra):
                           env=fake.env(), capture_output=True, text=True, timeout=30)
 
 
-def test_stop_without_master_writes_no_fence(fake):
-    r = _stop(fake)
+@pytest.mark.parametrize("pid_file", ["absent", "dead process", "live process that is no master"])
+def test_stop_without_master_writes_no_fence(fake, pid_file):
+    """A fence left by a stop of an instance that does not run would greet its next start's users
+    with BYE (run removes it, but a manual start of master would not)."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        if pid_file == "dead process":
+            dead = subprocess.Popen(["true"])
+            dead.wait()
+            fake.pid_file.write_text(f"{dead.pid}\n")
+        elif pid_file != "absent":
+            fake.pid_file.write_text(f"{other.pid}\n")  # the PID was reused since master exited
+        r = _stop(fake)
+    finally:
+        other.kill()
+        other.wait()
     assert r.returncode == 0, r.stderr
     assert "no master running" in r.stderr
     assert not (fake.config / "msg" / "shutdown").exists()
+
+
+def test_stop_with_a_running_master_writes_the_fence(fake):
+    master = subprocess.Popen([str(fake.bindir / "master"), *fake.args(), "-p", str(fake.pid_file), "-D"],
+                              env=fake.env("no_listen"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while fake.first("master start") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = _stop(fake, "--grace", "0")
+    finally:
+        master.kill()
+        master.wait()
+    assert r.returncode == 0, r.stderr
+    assert (fake.config / "msg" / "shutdown").exists()
 
 
 def test_stop_force_writes_fence_with_message(fake):
@@ -171,19 +201,30 @@ def test_grace_for_deliveries_is_bounded(instance, fake, lmtp_listener):
     assert len(deliveries.left()) == 1
 
 
+@contextlib.contextmanager
+def stop_in_background(*args: str, env: dict | None = None):
+    """`cyrushelper stop ARGS` running (stderr piped); killed at the end if it still runs."""
+    stop = subprocess.Popen([sys.executable, "-m", "cyrushelper", "stop", *args], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        yield stop
+    finally:
+        if stop.poll() is None:
+            stop.kill()
+            stop.wait()
+
+
+def assert_ends_once_nothing_is_left(stop: subprocess.Popen) -> None:
+    assert stop.wait(timeout=30) == 0
+    assert "no session and no LMTP delivery left" in stop.stderr.read()
+
+
 def test_stop_waits_for_a_delivery_in_flight(fake, lmtp_listener):
     server_side = lmtp_listener()
-    stop = subprocess.Popen([sys.executable, "-m", "cyrushelper", "stop", *fake.args(), "--force", "--grace", "60"],
-                            env=fake.env(), stderr=subprocess.PIPE, text=True)
-    try:
+    with stop_in_background(*fake.args(), "--force", "--grace", "60", env=fake.env()) as stop:
         said = stop.stderr.readline()
         assert "0 session(s) and 1 LMTP connection(s) open" in said, said
         with pytest.raises(subprocess.TimeoutExpired):
             stop.wait(timeout=1.5)  # still waiting: the delivery may be inside a transaction
         server_side.close()
-        assert stop.wait(timeout=30) == 0
-        assert "no session and no LMTP delivery left" in stop.stderr.read()
-    finally:
-        if stop.poll() is None:
-            stop.kill()
-            stop.wait()
+        assert_ends_once_nothing_is_left(stop)
