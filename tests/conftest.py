@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -191,3 +192,55 @@ def systemd_container(tmp_path):
         except Exception as e:  # the container may be what the test broke
             journal = f"(no journal: {e})"
         print(f"--- container journal (boot {box.boot_seconds:.2f}s) ---\n{journal}")
+
+
+# ---- the pair under cyrushelper's units in a throwaway systemd (testbed.scenario) ----
+
+from testbed.scenario import LabSystem, new_workdir  # noqa: E402
+
+PRIMARY = "cyrus@primary.service"
+REPLICA = "cyrus@replica.service"
+
+
+@pytest.fixture
+def lab_factory(request):
+    """make(rolling=True, ...) -> a LabSystem (pair created) in a freshly booted container."""
+    require_root_and_cyrus()
+    require_container_host()
+    made = []
+
+    def make(rolling: bool = True, **kwargs) -> LabSystem:
+        workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
+        container = SystemdContainer(workdir).__enter__()
+        made.append((workdir, container))
+        return LabSystem(container, workdir, rolling=rolling, **kwargs).create()
+
+    yield make
+    for workdir, container in made:
+        try:
+            print(f"--- journal of {workdir} ---\n{container.journal()[-15000:]}")
+        except Exception as e:  # the container may be what broke
+            print(f"(no journal: {e})")
+        container.__exit__(None, None, None)
+        if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def started(lab: LabSystem, **kwargs) -> LabSystem:
+    """cyrushelper's units installed, replica and primary started."""
+    lab.install_cyrushelper_units(**kwargs)
+    lab.start(REPLICA, PRIMARY)
+    return lab
+
+
+def until(condition, timeout: float, what: str):
+    """Poll `condition()` until it returns something true (returned) or fail after `timeout`
+    seconds, naming `what` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
+        time.sleep(0.1)

@@ -5,90 +5,77 @@ What the product promises an operator:
 - `systemctl stop|restart cyrus@primary` under continuous LMTP load ends `Result=success` with
   the sync log empty at the moment the unit is inactive and every acknowledged message on the
   replica, without a manual drain and without a Cyrus child being SIGTERMed twice;
+- no LMTP transaction is cut mid-way by a stop, not even a slow one whose body is still arriving
+  when the fence goes up; the MTA (the load, which retries like one) sees 421 instead, and no
+  message is delivered twice;
+- the double-SIGTERM probe is proven able to match: a Debian-style unit (KillMode=control-group)
+  shows "graceful shutdown initiated by unexpected process";
 - `systemctl stop cyrus` with a local replica instance stops the replica only after the primary
   has drained;
 - with the replica down, the stop fails visibly inside its deadline and keeps every event;
   once the replica is back, `cyrushelper drain` replays them with nothing lost;
-- a drain longer than TimeoutStopSec completes (EXTEND_TIMEOUT_USEC pulses);
+- a drain longer than TimeoutStopSec completes (EXTEND_TIMEOUT_USEC pulses); STATUS= shows the
+  live backlog before it;
 - a child that ignores SIGTERM gives a bounded stop, an unclean marker, reported by `status`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
 from cyrushelper import exitcodes
-from testbed.container import SystemdContainer
-from testbed.scenario import LabSystem, new_workdir
-from tests.conftest import require_container_host, require_root_and_cyrus
+from cyrushelper.synclog import pending_files
+from testbed.scenario import LabSystem
+from tests.conftest import PRIMARY, REPLICA, started, until
 
 pytestmark = pytest.mark.system
-
-PRIMARY = "cyrus@primary.service"
-REPLICA = "cyrus@replica.service"
-
-
-@pytest.fixture
-def lab_factory(request):
-    """make(rolling=True, ...) -> a LabSystem (pair created) in a freshly booted container."""
-    require_root_and_cyrus()
-    require_container_host()
-    made = []
-
-    def make(rolling: bool = True, **kwargs) -> LabSystem:
-        workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
-        container = SystemdContainer(workdir).__enter__()
-        made.append((workdir, container))
-        return LabSystem(container, workdir, rolling=rolling, **kwargs).create()
-
-    yield make
-    for workdir, container in made:
-        try:
-            print(f"--- journal of {workdir} ---\n{container.journal()[-15000:]}")
-        except Exception as e:  # the container may be what broke
-            print(f"(no journal: {e})")
-        container.__exit__(None, None, None)
-        if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _started(lab: LabSystem, **kwargs) -> LabSystem:
-    lab.install_cyrushelper_units(**kwargs)
-    lab.start(REPLICA, PRIMARY)
-    return lab
-
 
 def _drain_lines(journal: str) -> list[str]:
     return [line for line in journal.splitlines() if "cyrushelper" in line and "drained" in line]
 
 
+def _holding(record: Path) -> bool:
+    return record.with_name(record.name + ".holding").exists()
+
+
 def test_stop_under_load_is_lossless(lab_factory):
-    lab = _started(lab_factory(rolling=True))
+    # no rolling sync_client: everything the load delivers waits in the sync log, so the stop's
+    # drain has all of it to replicate (lines_before below is the whole load)
+    lab = started(lab_factory(rolling=False))
     assert lab.c.show(PRIMARY, "StatusText")["StatusText"].startswith("backlog")
-    load, record = lab.start_load(seconds=120)
+    load, record = lab.start_load(seconds=120, hold_user="bob")
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300, "load did not get going"
+    until(lambda: _holding(record), 30, "the slow sender to be inside its body")
 
     stop = lab.stop(PRIMARY)
     lab.stop_load(load)
 
     assert (stop.result, stop.active_state) == ("success", "inactive"), lab.journal(PRIMARY)[-4000:]
     assert stop.files_left == {"default": []}, "sync log not empty when the unit became inactive"
+    stats = lab.load_stats(record)
+    assert stats["cut_mid_way"] == 0, stats
+    assert stats["held"] == "acknowledged", stats     # its body finished after the fence went up
+    assert stats["outcomes"]["refused_421"] >= 1, stats
     report = lab.verify(record)
     assert report["acknowledged"] >= 300
-    assert report["missing"] == 0, report
+    assert (report["missing"], report["duplicated"]) == (0, 0), report
     assert lab.unexpected_sigterm_lines() == []
     drain = lab.state_file("last-drain.json")
     assert drain is not None and drain["exit_code"] == 0, drain
-    print(f"stop took {stop.seconds:.2f}s; {report['summary']}; drain: {json.dumps(drain)[:400]}")
+    assert drain["channels"][0]["lines_before"] > 0, f"the drain had nothing to do: {drain}"
+    print(f"stop took {stop.seconds:.2f}s; {report['summary']}; load: {json.dumps(stats)}; "
+          f"drain: {json.dumps(drain)[:400]}")
 
 
 def test_restart_under_load_is_lossless(lab_factory):
-    lab = _started(lab_factory(rolling=True))
+    lab = started(lab_factory(rolling=True))
     load, record = lab.start_load(seconds=120)
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
     before = lab.state_file("last-drain.json")
@@ -106,13 +93,37 @@ def test_restart_under_load_is_lossless(lab_factory):
     stop = lab.stop(PRIMARY)
     lab.stop_load(load)
     assert stop.result == "success" and stop.total_left == 0
+    stats = lab.load_stats(record)
+    assert stats["cut_mid_way"] == 0, stats
     report = lab.verify(record)
-    assert report["missing"] == 0, report
+    assert (report["missing"], report["duplicated"]) == (0, 0), report
     assert lab.unexpected_sigterm_lines() == []
+    print(f"restart took {restart.seconds:.2f}s; load: {json.dumps(stats)}")
+
+
+def test_double_sigterm_probe_matches_with_a_debian_style_unit(lab_factory):
+    """The probe `unexpected_sigterm_lines() == []` above proves something only if it can match:
+    the same stop under load with the primary run as Debian ships it (KillMode=control-group:
+    systemd SIGTERMs every child, then master does again) must show Cyrus's complaint."""
+    lab = lab_factory(rolling=True)
+    lab.install_cyrushelper_units()
+    stock = lab.install_stock_unit()
+    lab.start(REPLICA, stock)
+    load, record = lab.start_load(seconds=120)
+    assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
+
+    stop = lab.stop(stock)
+    lab.stop_load(load)
+
+    lines = lab.unexpected_sigterm_lines()
+    assert lines, "no 'graceful shutdown initiated by unexpected process' with KillMode=control-group"
+    stats = lab.load_stats(record)
+    print(f"stock stop {stop.seconds:.2f}s, {len(lines)} children SIGTERMed twice, "
+          f"{stop.total_left} sync log lines left; load: {json.dumps(stats)}")
 
 
 def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory):
-    lab = _started(lab_factory(rolling=True))
+    lab = started(lab_factory(rolling=True))
     load, record = lab.start_load(seconds=120)
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
 
@@ -130,24 +141,33 @@ def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory):
     lab.start(REPLICA)          # only the replica: nothing can replicate any more
     report = lab.verify(record)
     assert report["missing"] == 0, report
+    assert lab.load_stats(record)["cut_mid_way"] == 0
     assert lab.unexpected_sigterm_lines() == []
+
+
+def _sync_log_digests(lab: LabSystem) -> dict[str, str]:
+    """sha256 of every pending sync log file of the primary, by path: byte for byte, not lines."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for channel in lab.instance().channels for p in pending_files(channel)}
 
 
 @pytest.mark.parametrize("rolling,recovery", [(True, "drain"), (False, "start")])
 def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, rolling, recovery):
-    lab = _started(lab_factory(rolling=rolling),
+    lab = started(lab_factory(rolling=rolling),
                    extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_DRAIN_OPTS=--deadline 20\"\n"})
     lab.c.systemctl("stop", REPLICA)
     record = lab.deliver(200, tag="replicadown")
     time.sleep(1.5)  # a rolling sync_client tries (and fails) meanwhile: events must stay anyway
     kept = lab.backlog()
     assert kept["default"] >= 200
+    kept_bytes = _sync_log_digests(lab)
 
     stop = lab.stop(PRIMARY)
 
     assert stop.active_state == "failed" and stop.result == "exit-code", stop
     assert stop.seconds < 20 + 15, f"stop took {stop.seconds:.1f}s, beyond the drain deadline"
-    assert stop.lines_left == kept, "the failed drain touched the events"
+    assert stop.lines_left == kept
+    assert _sync_log_digests(lab) == kept_bytes, "the failed drain touched the events"
     journal = lab.journal(PRIMARY)
     unreachable = [line for line in journal.splitlines()
                    if "channel default" in line and "127.0.0.1:" in line and str(kept["default"]) in line]
@@ -175,16 +195,21 @@ def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, roll
 
 def test_drain_longer_than_timeout_stop_sec_completes(lab_factory):
     timeout_stop = 1.0
-    lab = _started(lab_factory(rolling=False),
+    lab = started(lab_factory(rolling=False),
                    extra_dropin={"primary": f"[Service]\nTimeoutStopSec={timeout_stop}s\n"})
     record = lab.deliver(2500, tag="bigbacklog")
-    assert lab.backlog()["default"] >= 2500
+    backlog = lab.backlog()["default"]
+    assert backlog >= 2500
+    # the live backlog in STATUS= (inotify on the sync directory, real Cyrus appending)
+    until(lambda: lab.c.show(PRIMARY, "StatusText")["StatusText"] == f"backlog default={backlog}", 30,
+          f"STATUS=backlog default={backlog}")
 
     stop = lab.stop(PRIMARY)
 
     assert (stop.result, stop.active_state) == ("success", "inactive"), lab.journal(PRIMARY)[-4000:]
     assert stop.total_left == 0
     drain = lab.state_file("last-drain.json")
+    assert drain["channels"][0]["lines_before"] == backlog, drain
     seconds = max(ch["seconds"] for ch in drain["channels"])
     assert seconds > timeout_stop, (f"drain took {seconds:.2f}s, not longer than TimeoutStopSec="
                                     f"{timeout_stop}s: backlog too small to prove the pulses")
@@ -204,7 +229,7 @@ def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory):
     conf = conf.replace("DAEMON {\n", "DAEMON {\n" + entry) if "DAEMON {" in conf else conf + f"DAEMON {{\n{entry}}}\n"
     lab.pair.primary_cyrus_conf.write_text(conf)
     stop_timeout = 4
-    _started(lab, extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_RUN_OPTS=--stop-timeout "
+    started(lab, extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_RUN_OPTS=--stop-timeout "
                                            f"{stop_timeout}\"\n"})
     record = lab.deliver(50, tag="stubborn")
 
