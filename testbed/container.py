@@ -12,8 +12,8 @@ Layout:
                            │        cgroup, child subreaper: cleans up on pipe EOF)
                            └─ unshare: private mount + cgroup + PID namespaces, in a fresh
                               cgroup-v2 child CGROUP of the host's cgroup2 mount
-                                └─ PID 1: lab/sandbox.sh init -- cgroup2 on /sys/fs/cgroup,
-                                   tmpfs /run, overlay(lower=/, upper=tmpfs)
+                                └─ PID 1: testbed/sandbox.sh init -- cgroup2 on /sys/fs/cgroup,
+                                   tmpfs /run, overlay(lower=/ or ROOT, upper=tmpfs)
                                      └─ systemd-nspawn --boot  ─>  systemd (the container)
 
 The container sees the host's whole root file system through the overlay (Cyrus, the venv, the
@@ -217,12 +217,19 @@ class SystemdContainer:
     """
 
     def __init__(self, workdir: Path, binds: Iterable[str] = (), mask: Iterable[str] = (),
-                 boot_timeout: float = 60):
+                 boot_timeout: float = 60, root: str | Path | None = None):
         self.workdir = Path(workdir).resolve()
         self.extra_binds = list(binds)
         self.extra_mask = list(mask)
         self.boot_timeout = boot_timeout
-        self.python = sys.executable
+        # the container's root: an overlay of the host's `/` (None), or of another Debian release's
+        # root file system (testbed.images), which sees nothing of the host but what is bound in
+        self.root = Path(root).resolve() if root is not None and Path(root).resolve() != Path("/") else None
+        # the interpreter for test-bed commands inside (python -m testbed …) and its environment
+        if self.root is None:
+            self.python, self.python_env = sys.executable, {}
+        else:
+            self.python, self.python_env = "/usr/bin/python3", {"PYTHONPATH": str(repository_root())}
         self.log_path = self.workdir / "container.log"
         self.cgroup: Path | None = None
         self.leader: int | None = None
@@ -260,13 +267,14 @@ class SystemdContainer:
         remove_stale_cgroups(cg_root)
         self.cgroup = cg_root / f"{CGROUP_PREFIX}{os.getpid()}.{secrets.token_hex(3)}"
         self.binds = self._all_binds()
-        self.masked = sorted({*ALWAYS_MASKED, *host_enabled_units(), *self.extra_mask})
+        self.masked = sorted({*ALWAYS_MASKED, *host_enabled_units(str(self.root or "/")), *self.extra_mask})
         nspawn_args = self._nspawn_args()
         self._log_file = open(self.log_path, "ab")
         read_end, self._pipe_w = os.pipe()   # both ends close-on-exec; only the keeper gets read_end
         try:
             self.keeper = subprocess.Popen(
-                [sys.executable, "-S", __file__, "keeper", str(self.cgroup), *nspawn_args],
+                [sys.executable, "-S", __file__, "keeper", str(self.cgroup), str(self.root or "/"),
+                 *nspawn_args],
                 stdin=read_end, stdout=self._log_file, stderr=self._log_file,
                 start_new_session=True)
         finally:
@@ -425,6 +433,9 @@ class SystemdContainer:
     def _all_binds(self) -> list[tuple[str, str, bool]]:
         mount_points = [mp for mp, _ in parse_mountinfo(Path("/proc/self/mountinfo").read_text())]
         binds = [(str(self.workdir), str(self.workdir), False)]
+        if self.root is not None:  # another release: only the test bed's source is needed inside
+            binds.append((str(repository_root()), str(repository_root()), True))
+            return binds + [parse_bind(spec) for spec in self.extra_binds]
         # what a test runs inside: this repository and the Python installation behind sys.executable
         for path in (repository_root(), Path(sys.prefix), Path(sys.base_prefix),
                      Path(sys.executable).resolve().parent):
@@ -581,7 +592,7 @@ class _Stop(Exception):
     pass
 
 
-def keeper_main(cgroup: Path, nspawn_args: list[str]) -> int:
+def keeper_main(cgroup: Path, lower: str, nspawn_args: list[str]) -> int:
     """Start the sandbox in `cgroup`, wait for EOF on stdin, then kill, reap and remove it all."""
     def stop(signum, frame):
         raise _Stop()
@@ -600,7 +611,7 @@ def keeper_main(cgroup: Path, nspawn_args: list[str]) -> int:
         subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--cgroup", "--pid", "--fork",
              "--kill-child=KILL", "--mount-proc",
-             "bash", str(SANDBOX_SCRIPT), "init", str(cgroup), *nspawn_args],
+             "bash", str(SANDBOX_SCRIPT), "init", str(cgroup), lower, *nspawn_args],
             stdin=subprocess.DEVNULL, preexec_fn=enter_sandbox_cgroup)
         while os.read(0, 4096):   # EOF: the owner closed the pipe, or died
             pass
@@ -617,6 +628,6 @@ def keeper_main(cgroup: Path, nspawn_args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "keeper":
-        sys.exit("usage: container.py keeper CGROUP NSPAWN-ARGS...")
-    sys.exit(keeper_main(Path(sys.argv[2]), sys.argv[3:]))
+    if len(sys.argv) < 4 or sys.argv[1] != "keeper":
+        sys.exit("usage: container.py keeper CGROUP LOWERDIR NSPAWN-ARGS...")
+    sys.exit(keeper_main(Path(sys.argv[2]), sys.argv[3], sys.argv[4:]))

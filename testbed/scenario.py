@@ -83,7 +83,8 @@ class LabSystem:
     # ------------------------------------------------------------------ helpers
     def lab(self, command: str, *args: str, timeout: float = 120, check: bool = True):
         return self.c.run(self.python, "-m", "testbed", command, str(self.pair.root),
-                          "--port-base", str(self.pair.port_base), *args, timeout=timeout, check=check)
+                          "--port-base", str(self.pair.port_base), *args, timeout=timeout, check=check,
+                          env=self.c.python_env)
 
     def cyrushelper(self, *args: str, timeout: float = 300, check: bool = False):
         return self.c.run(self.helper, *args, timeout=timeout, check=check)
@@ -174,6 +175,7 @@ class LabSystem:
         record = self.workdir / f"load-{self._loads}.record"
         hold = ["--hold-user", hold_user, "--hold-until", str(self.instance().fence_file)] if hold_user else []
         self.c.run("systemd-run", f"--unit={unit}", "--quiet", "--property=KillMode=mixed",
+                   *[f"--setenv={k}={v}" for k, v in self.c.python_env.items()],
                    self.python, "-m", "testbed", "load", str(self.pair.root),
                    "--port-base", str(self.pair.port_base), "--record", str(record),
                    "--stats", str(self._stats_path(record)), "--seconds", str(seconds), "--users", users,

@@ -1,5 +1,6 @@
 """Foundation: the lab pair runs under a real systemd (PID 1 in a throwaway container) as plain
-units, and a message delivered on the primary arrives on the replica. Nothing of cyrushelper's
+units, and a message delivered on the primary arrives on the replica — on the host's Debian release
+and on the other supported one (a debootstrapped root, testbed/images.py). Nothing of cyrushelper's
 stop path is involved: this proves the test bed itself."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from testbed import images
 from testbed.container import SystemdContainer
 from testbed.scenario import LabSystem, new_workdir
 from tests.conftest import require_container_host, require_root_and_cyrus
@@ -16,12 +18,14 @@ from tests.conftest import require_container_host, require_root_and_cyrus
 pytestmark = pytest.mark.system
 
 
-def test_pair_as_plain_units_replicates_under_real_systemd():
+@pytest.mark.parametrize("release", images.releases_under_test())
+def test_pair_as_plain_units_replicates_under_real_systemd(release):
     require_root_and_cyrus()
     require_container_host()
-    workdir = new_workdir("foundation")
+    workdir = new_workdir(f"foundation-{release}")
     try:
-        with SystemdContainer(workdir) as box:
+        with SystemdContainer(workdir, root=images.container_root(release)) as box:
+            assert images.os_release(box.root or "/")["VERSION_CODENAME"] == release
             lab = LabSystem(box, workdir, rolling=True).create()
             units = lab.pair.plain_unit_texts()
             for name, text in units.items():
@@ -40,6 +44,7 @@ def test_pair_as_plain_units_replicates_under_real_systemd():
             assert (report["acknowledged"], report["present"], report["missing"]) == (20, 20, 0), report
             journal = box.journal("cyrus-lab-primary.service")
             assert "Delivered:" in journal, "Cyrus's syslog lines do not reach the journal"
-            print(f"container boot {box.boot_seconds:.2f}s; {report['summary']}")
+            version = box.run("/usr/lib/cyrus/bin/master", "-V", check=False).stdout.strip()
+            print(f"{release}: container boot {box.boot_seconds:.2f}s, {version}; {report['summary']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
