@@ -18,6 +18,7 @@ import selectors
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 
@@ -115,9 +116,15 @@ def signal_pids(pids: list[int], sig: int) -> list[int]:
     return hit
 
 
-def kill_session(sid: int) -> list[int]:
+KILL_SETTLE = 5.0
+
+
+def kill_session(sid: int, settle: float = KILL_SETTLE) -> list[int]:
     """SIGKILL every live member of session `sid`, by PID. Repeats a few rounds so that a process
-    forked between listing and killing is caught too; returns every PID killed."""
+    forked between listing and killing is caught too; returns every PID killed once each of them
+    is dead (a zombie at least) or `settle` seconds passed: kill() only queues the signal, and a
+    process waiting for a CPU or in D state is still alive for a moment after it (seen once in 17
+    runs of the fast suite on a loaded 2-core VM: a SIGKILLed grandchild still in its session)."""
     killed: list[int] = []
     for _ in range(5):
         pids = [p for p in session_members(sid) if p not in killed]
@@ -126,6 +133,9 @@ def kill_session(sid: int) -> list[int]:
         # the leader (master) first: a live master would fork replacements for killed children
         pids.sort(key=lambda p: p != sid)
         killed += signal_pids(pids, signal.SIGKILL)
+    deadline = time.monotonic() + settle
+    while any(alive(p) for p in killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return killed
 
 
