@@ -44,12 +44,22 @@ def require_root_and_cyrus() -> None:
         problems.append("user 'cyrus' missing (package cyrus-common)")
     if not problems:
         return
-    reason = "system test needs root + Cyrus: " + "; ".join(problems)
+    skip_loudly_or_fail_in_ci("system test needs root + Cyrus: " + "; ".join(problems))
+
+
+def skip_loudly_or_fail_in_ci(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} -- CI must run every system test, refusing to skip", pytrace=False)
     print(f"\nWARNING: SKIPPING: {reason}", file=sys.stderr)
-    warnings.warn(f"SKIPPED system test: {reason}", stacklevel=2)
+    warnings.warn(f"SKIPPED system test: {reason}", stacklevel=3)
     pytest.skip(reason)
+
+
+def require_syslog_capture(sink: SyslogSink) -> None:
+    """For a test that asserts the ABSENCE of a Cyrus log line: without capture it would pass blindly."""
+    if not sink.capturing:
+        skip_loudly_or_fail_in_ci("another process owns /dev/log: Cyrus's log lines are not visible, "
+                                  "a probe for a line that must not appear would pass blindly")
 
 
 @pytest.fixture
