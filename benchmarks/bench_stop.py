@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""`systemctl stop` of a primary under LMTP load: cyrushelper's unit vs a stock Debian-style unit.
+"""`systemctl stop` under LMTP load: a primary with cyrushelper's unit vs a stock Debian-style unit,
+and a replica (cyrushelper's unit) while the primary replicates to it.
 
 Each trial boots a fresh throwaway systemd container, builds the lab pair (rolling sync_client
 under master, as most replicated sites run it), puts continuous LMTP load on the primary (two
@@ -11,7 +12,7 @@ dropped connections, and messages stored twice on the replica. --slow-sender add
 body is still arriving when the stop begins. Both contestants run in the same invocation,
 alternating, so the table compares them on the same machine state.
 
-    python benchmarks/bench_stop.py [--trials 3] [--warmup 300] [--slow-sender]
+    python benchmarks/bench_stop.py [--trials 3] [--warmup 300] [--slow-sender] [--only KIND]
 Needs root, Cyrus and systemd-container (scripts/bootstrap.sh installs them).
 """
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from testbed.container import SystemdContainer  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
-CONTESTANTS = ("cyrushelper", "stock")
+CONTESTANTS = ("cyrushelper", "stock", "replica")
 
 
 def trial(kind: str, warmup: int, slow_sender: bool) -> dict:
@@ -37,16 +38,26 @@ def trial(kind: str, warmup: int, slow_sender: bool) -> dict:
         with SystemdContainer(workdir) as box:
             lab = LabSystem(box, workdir, rolling=True).create()
             lab.install_cyrushelper_units()
-            if kind == "cyrushelper":
-                unit = "cyrus@primary.service"
-            else:
+            if kind == "stock":
                 unit = lab.install_stock_unit()
-            lab.start("cyrus@replica.service", unit)
+                primary = unit
+            else:
+                primary = "cyrus@primary.service"
+                unit = "cyrus@replica.service" if kind == "replica" else primary
+            lab.start("cyrus@replica.service", primary)
             load, record = lab.start_load(seconds=300, hold_user="bob" if slow_sender else None)
             lab.wait_acknowledged(record, warmup, timeout=120)
             stop = lab.stop(unit)
+            extra = {}
+            if kind == "replica":
+                lab.start("cyrus@replica.service")
+                lab.wait_acknowledged(record, warmup + 100, timeout=120)
+                lab.stop(primary)
+                extra["primary_result"] = lab.c.show(primary, "Result")["Result"]
             lab.stop_load(load)
-            report = lab.verify(record)
+            report = lab.verify(record, storage=kind == "replica")
+            if kind == "replica":
+                extra["storage_identical"] = report["storage_identical"]
             outcomes = lab.load_stats(record)["outcomes"]
             return {"seconds": stop.seconds, "result": stop.result, "lines_left": stop.total_left,
                     "acknowledged": report["acknowledged"], "missing": report["missing"],
@@ -55,7 +66,7 @@ def trial(kind: str, warmup: int, slow_sender: bool) -> dict:
                     "got_421": outcomes["refused_421"],
                     "refused_or_dropped": outcomes["connection_refused"] + outcomes["lost_before_greeting"]
                     + outcomes["dropped_outside_transaction"],
-                    "duplicated": report["duplicated"]}
+                    "duplicated": report["duplicated"], **extra}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -66,10 +77,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=300, help="acknowledged messages before the stop")
     parser.add_argument("--slow-sender", action="store_true",
                         help="add a sender whose message body is still arriving when the stop begins")
+    parser.add_argument("--only", choices=CONTESTANTS, action="append",
+                        help="run only this contestant (repeatable; default: all)")
     args = parser.parse_args()
-    runs: dict[str, list[dict]] = {k: [] for k in CONTESTANTS}
+    chosen = [k for k in CONTESTANTS if not args.only or k in args.only]
+    runs: dict[str, list[dict]] = {k: [] for k in chosen}
     for i in range(args.trials):
-        for kind in CONTESTANTS if i % 2 == 0 else reversed(CONTESTANTS):
+        for kind in chosen if i % 2 == 0 else list(reversed(chosen)):
             r = trial(kind, args.warmup, args.slow_sender)
             runs[kind].append(r)
             print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s " +
@@ -80,7 +94,7 @@ def main() -> int:
           "| LMTP cut mid-way (median/max) | LMTP 421 (median) | refused/dropped (median) "
           "| stored twice (max) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for kind in CONTESTANTS:
+    for kind in chosen:
         rs = runs[kind]
 
         def med(key: str) -> str:
@@ -92,9 +106,10 @@ def main() -> int:
               f"{med('missing')}/{max(r['missing'] for r in rs)} | {max(r['double_sigterm'] for r in rs)} | "
               f"{med('cut')}/{max(r['cut'] for r in rs)} | {med('got_421')} | {med('refused_or_dropped')} | "
               f"{max(r['duplicated'] for r in rs)} |")
-    ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
-    stock = statistics.median(r["seconds"] for r in runs["stock"])
-    print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
+    if "cyrushelper" in runs and "stock" in runs:
+        ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
+        stock = statistics.median(r["seconds"] for r in runs["stock"])
+        print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
     return 0
 
 

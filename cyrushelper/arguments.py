@@ -10,19 +10,28 @@ import argparse
 import logging
 import math
 
-from cyrushelper import channels
+from cyrushelper import channels, instances
 from cyrushelper.config import DEFAULT_CYRUS_CONF, DEFAULT_IMAPD_CONF, Instance
 
 log = logging.getLogger("cyrushelper")
 
 
 def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--imapd-conf", "-C", default=str(DEFAULT_IMAPD_CONF), metavar="PATH",
-                        help=f"the instance's imapd.conf (default {DEFAULT_IMAPD_CONF})")
-    parser.add_argument("--cyrus-conf", "-M", default=str(DEFAULT_CYRUS_CONF), metavar="PATH",
-                        help=f"the instance's cyrus.conf (default {DEFAULT_CYRUS_CONF})")
+    parser.add_argument("--imapd-conf", "-C", default=None, metavar="PATH",
+                        help="the instance's imapd.conf (default: the one its unit cyrus@NAME runs "
+                             f"with, else {DEFAULT_IMAPD_CONF})")
+    parser.add_argument("--cyrus-conf", "-M", default=None, metavar="PATH",
+                        help="the instance's cyrus.conf; for a switchable instance the primary "
+                             f"role's (default: from its unit, else {DEFAULT_CYRUS_CONF})")
+    parser.add_argument("--replica-cyrus-conf", default=None, metavar="PATH",
+                        help="a switchable instance: the replica role's cyrus.conf (empty: none; "
+                             "default: from its unit)")
+    parser.add_argument("--initial-role", choices=(*instances.ROLES, ""), default=None,
+                        help="a switchable instance: its role before any is recorded (default: from its "
+                             "unit)")
     parser.add_argument("--instance", default="default", metavar="NAME",
-                        help="instance name (the %%i of cyrus@NAME.service)")
+                        help="instance name (the %%i of cyrus@NAME.service); alone, it finds the "
+                             "instance's files in its unit")
 
 
 def _number(text: str) -> float:
@@ -51,9 +60,15 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def load_instance(args: argparse.Namespace, warn: bool = False) -> Instance:
-    """The instance the command line names; with `warn`, its configuration warnings are logged."""
-    instance = Instance.load(args.imapd_conf, args.cyrus_conf, args.instance)
+def instance_files(args: argparse.Namespace) -> instances.InstanceFiles:
+    return instances.resolve(args.instance, args.imapd_conf, args.cyrus_conf,
+                             args.replica_cyrus_conf or None, args.initial_role or None)
+
+
+def load_instance(args: argparse.Namespace, warn: bool = False, role: str | None = None) -> Instance:
+    """The instance the command line names (with the cyrus.conf of its role); with `warn`, its
+    configuration warnings are logged."""
+    instance = instances.load(instance_files(args), role)
     if warn:
         for warning in instance.warnings + channels.warnings(instance):
             log.warning("%s", warning)

@@ -123,8 +123,14 @@ def squatter_channels(instance: Instance) -> set[str]:
     return names
 
 
+REPLICA_ROLE_REASON = ("replica role: a replica never pushes to its primary (these are its own users' "
+                       "changes, replayed harmlessly once it is primary again)")
+
+
 def not_replicated_reason(instance: Instance, channel: Channel) -> str | None:
     """Why sync_client must not read this channel, or None if it is a replication channel."""
+    if instance.role == "replica":
+        return REPLICA_ROLE_REASON
     if channel.name is not None and channel.name in squatter_channels(instance) \
             and not instance.imapd.get(f"{channel.name}_sync_host"):
         return "read by squatter, not by sync_client"

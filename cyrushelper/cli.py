@@ -26,7 +26,12 @@ SUBCOMMANDS = {
     "drain": ("cyrushelper.drain", "replicate every pending sync log of every channel (ExecStopPost)"),
     "status": ("cyrushelper.status", "show master, replication backlog and last stop of an instance"),
     "watch": ("cyrushelper.status", "follow the replication backlog live (inotify)"),
-    "switchover": ("cyrushelper.switchover", "soft failover: drain the primary, prove the replica caught up"),
+    "switchover": ("cyrushelper.switchover", "soft failover: drain the primary, prove the replica caught up, "
+                                             "swap the roles, verify the new direction"),
+    "role": ("cyrushelper.role", "show (or, stopped, set) the role of a switchable instance"),
+    "canary": ("cyrushelper.canary", "deliver one canary message by LMTP and say where it landed (UID, GUID)"),
+    "mailboxes": ("cyrushelper.mailboxes", "per-mailbox facts of an instance, read from its index files "
+                                           "(what the switchover proof compares)"),
 }
 
 

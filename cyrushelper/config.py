@@ -808,15 +808,22 @@ class Instance:
     cyrus: CyrusConf
     name: str = "default"
     warnings: list[str] = field(default_factory=list)
+    # A switchable instance (issue 8) has one cyrus.conf per role; `cyrus` is the one of `role`.
+    role: str | None = None
+    cyrus_by_role: dict[str, CyrusConf] = field(default_factory=dict)
+
+    @property
+    def switchable(self) -> bool:
+        return bool(self.cyrus_by_role)
 
     @classmethod
     def load(cls, imapd_conf: os.PathLike | str = DEFAULT_IMAPD_CONF,
              cyrus_conf: os.PathLike | str = DEFAULT_CYRUS_CONF, name: str = "default") -> Instance:
         inst = cls(parse_imapd_conf(imapd_conf), parse_cyrus_conf(cyrus_conf), name)
-        inst._check_children_config()
+        inst.check_children_config()
         return inst
 
-    def _check_children_config(self) -> None:
+    def check_children_config(self) -> None:
         # master does not pass its -C to children: a child without -C reads /etc/imapd.conf.
         mine = os.path.realpath(self.imapd.path)
         for e in self.cyrus.entries:
@@ -869,6 +876,8 @@ class Instance:
 
     @property
     def is_replica(self) -> bool:
+        if self.role is not None:
+            return self.role == "replica"
         return bool(self.sync_server_entries) or self.imapd.get_bool("replicaonly")
 
     def summary(self) -> dict:

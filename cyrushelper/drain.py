@@ -525,10 +525,34 @@ KILLED_RESULTS = ("timeout", "signal", "core-dump", "watchdog")
 
 
 def _record_if_killed(instance: Instance, service: dict) -> None:
-    if service["result"] not in KILLED_RESULTS or state.unclean_stop(instance) is not None:
+    """Record an unclean stop when systemd killed the unit while Cyrus was running (its processes
+    then got SIGKILL, see state.py). Not when Cyrus had stopped cleanly within this invocation
+    (run, or ExecStop after run died, wrote a clean last-stop.json first), nor when no master ran."""
+    if service["result"] not in KILLED_RESULTS:
         return
-    path = state.record_unclean_stop(instance, f"systemd ended the unit with SERVICE_RESULT="
-                                               f"{service['result']} (EXIT_CODE={service['exit_code']})", [])
+    invocation = state.invocation_id()
+    last = state.last_stop(instance) or {}
+    run = state.last_run(instance) or {}
+    outcome = (f"SERVICE_RESULT={service['result']} EXIT_CODE={service['exit_code']} "
+               f"EXIT_STATUS={service['exit_status']}")
+    if invocation and last.get("invocation_id") == invocation and last.get("result") == "clean":
+        log.warning("the main process ended with %s, but Cyrus had stopped cleanly before (%s at %s): "
+                    "no replication event can be missing, not an unclean stop", outcome,
+                    last.get("by", "cyrushelper run"), last.get("time"))
+        return
+    marker = state.unclean_stop(instance) or {}
+    if invocation and marker.get("invocation_id") == invocation:
+        return  # run already recorded this start's unclean stop, with more detail
+    if invocation and run.get("invocation_id") != invocation:
+        log.warning("the main process ended with %s before it started master: no Cyrus process ran, "
+                    "not an unclean stop", outcome)
+        return
+    master = run.get("master_pid")
+    evidence = {"service": service, "invocation_id": invocation, "run": run or None,
+                "last_stop_of_this_start": last if last.get("invocation_id") == invocation else None}
+    path = state.record_unclean_stop(
+        instance, f"systemd ended the unit ({outcome}) while master {master} ran: systemd SIGKILLs "
+                  "whatever is left of a unit whose main process died", [], master, evidence)
     log.error("stop recorded as unclean in %s: the next start recommends (or runs) a sync_client -A "
               "reconcile", path)
 

@@ -12,6 +12,10 @@ DEADLINE = 75             # EX_TEMPFAIL: work remained when our deadline ran out
 LOCKED = 73               # another drainer holds a channel's lock (rolling sync_client, manual drain)
 UNCLEAN_STOP = 70         # EX_SOFTWARE: master had to be SIGKILLed; events may be missing (reconcile)
 CONFIG = 78               # EX_CONFIG: imapd.conf / cyrus.conf / arguments refused (file:line printed)
+REFUSED = 77              # EX_NOPERM: refused, nothing changed (split-brain guard, switchover pre-flight)
+ROLLED_BACK = 65          # EX_DATAERR: switchover aborted before the swap; the old primary serves again
+UNFINISHED = 71           # EX_OSERR: switchover stopped between steps; switchover.json says where (--resume/--abort)
+UNVERIFIED = 74           # EX_IOERR: roles swapped, but the canary did not reach the new replica in time
 
 DESCRIPTIONS = {
     OK: "success (for drain: every sync log of every channel replicated and removed)",
@@ -23,6 +27,13 @@ DESCRIPTIONS = {
     SYNC_FAILED: "replica answered but a batch failed: events kept, see the journal",
     UNCLEAN_STOP: "master needed SIGKILL: stop recorded as unclean, reconcile with sync_client -A",
     CONFIG: "configuration error (message names file:line); nothing written",
+    REFUSED: "refused, nothing changed: a switchover pre-flight check failed, or the split-brain guard "
+             "(the recorded role differs from the one asked for)",
+    ROLLED_BACK: "switchover aborted before the roles were swapped and rolled back: the old primary serves "
+                 "again (reason on stderr and in the report)",
+    UNFINISHED: "switchover stopped between steps (e.g. a rollback failed): its state is kept, run "
+                "`switchover --resume` or `--abort`",
+    UNVERIFIED: "roles swapped, but the canary message did not reach the new replica within the bound",
 }
 
 

@@ -8,6 +8,7 @@ sync log channel SYNC_CHANNEL=<channel> (`log.info(..., extra=channel_field(labe
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 
@@ -62,3 +63,19 @@ def setup_logging(verbose: bool = False, instance: str | None = None) -> None:
 
 def logs_to_stderr() -> bool:
     return _use_stderr
+
+
+def also_to_syslog(ident: str, address: str = "/dev/log") -> bool:
+    """Copy every record to syslog as well (journald reads /dev/log): a command an operator runs
+    in a terminal, such as `switchover`, still leaves its steps in the journal. Standard library
+    only, so it works without the systemd-python extra. False when nothing listens there."""
+    if not os.path.exists(address):
+        return False
+    try:
+        handler = logging.handlers.SysLogHandler(address=address)
+    except OSError:
+        return False
+    handler.ident = f"{ident}: "
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("cyrushelper").addHandler(handler)
+    return True

@@ -116,15 +116,9 @@ def signal_pids(pids: list[int], sig: int) -> list[int]:
     return hit
 
 
-KILL_SETTLE = 5.0
-
-
-def kill_session(sid: int, settle: float = KILL_SETTLE) -> list[int]:
+def kill_session(sid: int) -> list[int]:
     """SIGKILL every live member of session `sid`, by PID. Repeats a few rounds so that a process
-    forked between listing and killing is caught too; returns every PID killed once each of them
-    is dead (a zombie at least) or `settle` seconds passed: kill() only queues the signal, and a
-    process waiting for a CPU or in D state is still alive for a moment after it (seen once in 17
-    runs of the fast suite on a loaded 2-core VM: a SIGKILLed grandchild still in its session)."""
+    forked between listing and killing is caught too; returns every PID killed."""
     killed: list[int] = []
     for _ in range(5):
         pids = [p for p in session_members(sid) if p not in killed]
@@ -133,16 +127,13 @@ def kill_session(sid: int, settle: float = KILL_SETTLE) -> list[int]:
         # the leader (master) first: a live master would fork replacements for killed children
         pids.sort(key=lambda p: p != sid)
         killed += signal_pids(pids, signal.SIGKILL)
-    deadline = time.monotonic() + settle
-    while any(alive(p) for p in killed) and time.monotonic() < deadline:
-        time.sleep(0.01)
     return killed
 
 
 def terminate(child: subprocess.Popen, grace: float) -> None:
     """End a child started with start_new_session=True: one SIGTERM to it (it ends what it started
     itself, e.g. a drain its sync_clients), then, if it is still running after `grace` seconds,
-    SIGKILL to its whole session; returns once it is reaped. Only the caller reaps `child`, so
+    SIGKILL to its whole session; returns once it is reaped and its session is empty (or 5 s later). Only the caller reaps `child`, so
     while it is unreaped its PID (= its session id) cannot have been reused."""
     if child.poll() is not None:
         return
@@ -154,6 +145,12 @@ def terminate(child: subprocess.Popen, grace: float) -> None:
         pass
     kill_session(child.pid)
     child.wait()
+    # SIGKILL is delivered at once but a process exits a moment later (later still in D state):
+    # return only when the session is empty, so no grandchild outlives us holding a lock
+    for _ in range(50):
+        if not session_members(child.pid):
+            break
+        time.sleep(0.1)
 
 
 def comm(pid: int) -> str | None:

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from cyrushelper import arguments, exitcodes
+from cyrushelper import arguments, exitcodes, role
 from cyrushelper.atomic import symlink_atomic, write_atomic
 from cyrushelper.config import DEFAULT_IMAPD_CONF, ConfigError, Instance
 
@@ -131,7 +131,7 @@ def writable_paths(inst: Instance) -> list[WritablePath]:
     # configdirectory is the one required path (imapd.conf's list starts with it)
     found: list[tuple[PurePosixPath, bool]] = [(_safe_path(item.path, item.where), item.option == "configdirectory")
                                                for item in inst.imapd.writable_paths]
-    for entry in inst.cyrus.entries:
+    for entry in [e for conf in (inst.cyrus_by_role.values() or [inst.cyrus]) for e in conf.entries]:
         listen = entry.listen
         if listen is not None and listen.kind == "unix":
             found.append((_safe_path(listen.path.parent, (entry.path, entry.line)), False))
@@ -155,7 +155,7 @@ def runtime_dirs(paths: list[WritablePath]) -> list[str]:
 
 def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
            unit_imapd_conf: str | None = None, unit_cyrus_conf: str | None = None,
-           template_dir: Path | None = None) -> list[RenderedFile]:
+           template_dir: Path | None = None, initial_role: str | None = None) -> list[RenderedFile]:
     """Every file of the output, in memory. Raises ConfigError before anything is written."""
     name = check_instance_name(inst.name)
     if replica_instance is not None:
@@ -164,7 +164,16 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
             raise ConfigError("--replica-instance", None, "an instance cannot be its own replica")
     helper_path = _safe_path(helper, ("--helper", None))
     imapd_conf = _safe_path(unit_imapd_conf or os.path.abspath(inst.imapd.path), ("--imapd-conf", None))
-    cyrus_conf = _safe_path(unit_cyrus_conf or os.path.abspath(inst.cyrus.path), ("--cyrus-conf", None))
+    primary_cyrus = inst.cyrus_by_role.get("primary", inst.cyrus)
+    cyrus_conf = _safe_path(unit_cyrus_conf or os.path.abspath(primary_cyrus.path), ("--cyrus-conf", None))
+    replica_cyrus_conf = None
+    if inst.switchable:
+        role.check_switchable(inst)
+        if initial_role not in role.ROLES:
+            raise ConfigError("--initial-role", None, "a switchable instance (--replica-cyrus-conf) needs "
+                                                      "--initial-role primary|replica")
+        replica_cyrus_conf = _safe_path(os.path.abspath(inst.cyrus_by_role["replica"].path),
+                                        ("--replica-cyrus-conf", None))
     paths = writable_paths(inst)
     volatile = runtime_dirs(paths)
     cyrus_user = inst.imapd.get("cyrus_user", "cyrus")
@@ -180,6 +189,8 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
         "instance": name,
         "imapd_conf": str(imapd_conf),
         "cyrus_conf": str(cyrus_conf),
+        "replica_cyrus_conf": str(replica_cyrus_conf) if replica_cyrus_conf else None,
+        "initial_role": initial_role,
         "replica_instance": replica_instance,
         "conflicts_packaged": packaged,
         "writable_paths": [(str(w.path), w.required) for w in paths],
@@ -303,7 +314,7 @@ def main(args: argparse.Namespace) -> int:
         written = generate(inst, output, args.helper or default_helper(), force=args.force,
                            replica_instance=args.replica_instance,
                            unit_imapd_conf=args.unit_imapd_conf, unit_cyrus_conf=args.unit_cyrus_conf,
-                           template_dir=find_templates(args.templates))
+                           template_dir=find_templates(args.templates), initial_role=args.initial_role or None)
     except OutputConflict as e:
         print(f"cyrushelper generate: {e}", file=sys.stderr)
         return exitcodes.FAILURE

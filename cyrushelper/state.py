@@ -1,10 +1,31 @@
 """What cyrushelper remembers between runs: the one owner of `{configdirectory}/cyrushelper/`.
 
-- `unclean-stop.json`: written when a stop needed SIGKILL (a replication event may be missing).
-  It stays until a reconcile (`sync_client -A` on every channel) succeeded or an operator
-  acknowledged it (`cyrushelper status --ack-unclean`); `run` and `status` report it.
-- `last-stop.json`: how the last stop ended (clean/unclean/master died), for `status`.
+- `unclean-stop.json`, the unclean-stop marker. It means exactly this: a Cyrus process that may
+  have been writing mailbox data was killed before it reached a safe point (SIGKILL after our stop
+  deadline, or systemd's SIGKILL of the unit's processes). Cyrus writes a replication event just
+  *after* the mailbox index commit (imap/mailbox.c mailbox_commit), so a change may be on disk
+  without its sync log line: replaying the sync log cannot bring it to the replica, only a full
+  comparison can (`sync_client -A`, or the switchover proof). It does NOT mean "the helper was
+  killed": a `cyrushelper run` killed after Cyrus had stopped cleanly loses nothing, and the
+  ExecStopPost drain replays whatever the log holds. But a `run` killed while master runs does
+  mean Cyrus was killed: systemd (252, KillMode=mixed; measured) then skips ExecStop and SIGKILLs
+  every process left in the unit at once ("Killing process N (master) with signal SIGKILL"), so
+  the drain records it, with this start's master PID (run.json) as evidence.
+  The marker holds the *latest* such event with its evidence, the first one since the last
+  reconcile, how many there were and how many stops followed (a clean stop after an unclean one
+  does not recover anything). It is cleared only by a proof: a reconcile that succeeded on every
+  channel (`run --reconcile=auto`), a switchover proof that found both sides equal, or an
+  operator's `cyrushelper status --ack-unclean` after reconciling by hand; `last-reconcile.json`
+  then says which marker was cleared, when and by what.
+- `last-stop.json`: how the last stop ended (clean/unclean/master died), with the systemd
+  invocation it belongs to, for `status` and for the drain's judgement above.
+- `run.json`: the running invocation (master PID, systemd INVOCATION_ID), written at start: the
+  evidence the drain needs when systemd killed the main process.
 - `last-drain.json`: how the last `cyrushelper drain` ended, per channel.
+- `role.json`: the role of a switchable instance (primary or replica), since when and why
+  (role.py decides what it means; `run` reads it at every start, so it survives reboots).
+- `switchover.json`: an unfinished switchover of which this instance is the old primary (the
+  persisted state machine of switchover.py); `last-switchover.json` once it finished.
 - `drain[.CHANNEL].lock`: the drainers' channel locks (locks.py takes them; they live here).
 
 The directory lives outside the sync directories, where Cyrus never looks. Every write is atomic
@@ -18,13 +39,24 @@ import os
 import time
 from pathlib import Path
 
-from cyrushelper.atomic import give_to_owner_of, write_atomic
+from cyrushelper.atomic import fsync_dir, give_to_owner_of, write_atomic
 from cyrushelper.config import Instance
 
 DIRNAME = "cyrushelper"
 UNCLEAN_STOP = "unclean-stop.json"
 LAST_STOP = "last-stop.json"
 LAST_DRAIN = "last-drain.json"
+LAST_RECONCILE = "last-reconcile.json"
+RUN = "run.json"
+ROLE = "role.json"
+SWITCHOVER = "switchover.json"
+LAST_SWITCHOVER = "last-switchover.json"
+UNCLEAN_HISTORY = 10            # events kept in the marker (the latest first)
+UNCLEAN_MEANING = ("a Cyrus process was killed before a safe point: a mailbox change may have no sync "
+                   "log line, which no log replay recovers")
+UNCLEAN_CLEARED_BY = ("a reconcile that succeeds on every channel (`run --reconcile=auto` at the next "
+                      "start), a switchover proof, or `cyrushelper status --ack-unclean` after "
+                      "`sync_client -A` by hand")
 
 
 def directory(configdirectory: os.PathLike | str) -> Path:
@@ -71,15 +103,30 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def invocation_id() -> str | None:
+    """systemd's id of the current start of the unit (the same for ExecStart and ExecStopPost)."""
+    return os.environ.get("INVOCATION_ID") or None
+
+
 def record_unclean_stop(instance: Instance, reason: str, killed_pids: list[int],
-                        master_pid: int | None = None) -> Path:
+                        master_pid: int | None = None, evidence: dict | None = None) -> Path:
+    """Record the latest unclean event; earlier ones since the last reconcile stay counted."""
     path = ensure_state_dir(instance) / UNCLEAN_STOP
+    previous = unclean_stop(instance) or {}
+    if "error" in previous:
+        previous = {}
+    event = {"time": now_iso(), "reason": reason, "killed_pids": sorted(killed_pids),
+             "master_pid": master_pid, "invocation_id": invocation_id(), "evidence": evidence or {}}
+    history = [event] + [e for e in previous.get("history", []) if isinstance(e, dict)]
     write_json_atomic(path, {
-        "time": now_iso(),
-        "reason": reason,
-        "killed_pids": sorted(killed_pids),
-        "master_pid": master_pid,
+        **event,
         "instance": instance.name,
+        "events": int(previous.get("events", 0)) + 1,
+        "first_time": previous.get("first_time", event["time"]),
+        "stops_since": 0,
+        "history": history[:UNCLEAN_HISTORY],
+        "meaning": UNCLEAN_MEANING,
+        "cleared_by": UNCLEAN_CLEARED_BY,
         "advice": "replication events may be missing: reconcile every channel with sync_client -A",
     })
     return path
@@ -89,17 +136,58 @@ def unclean_stop(instance: Instance) -> dict | None:
     return read_json(state_dir(instance) / UNCLEAN_STOP)
 
 
-def clear_unclean_stop(instance: Instance) -> bool:
-    try:
-        os.unlink(state_dir(instance) / UNCLEAN_STOP)
-        return True
-    except FileNotFoundError:
+def clear_unclean_stop(instance: Instance, by: str = "cyrushelper status --ack-unclean") -> bool:
+    """Remove the marker after a proof (`by` says which); the cleared marker goes to
+    last-reconcile.json. False if there was none."""
+    marker = unclean_stop(instance)
+    if marker is None:
         return False
+    directory = ensure_state_dir(instance)
+    write_json_atomic(directory / LAST_RECONCILE, {"time": now_iso(), "by": by, "cleared_marker": marker})
+    try:
+        os.unlink(directory / UNCLEAN_STOP)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def last_reconcile(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / LAST_RECONCILE)
+
+
+def record_run(instance: Instance, master_pid: int) -> None:
+    path = ensure_state_dir(instance) / RUN
+    write_json_atomic(path, {"time": now_iso(), "instance": instance.name, "master_pid": master_pid,
+                             "invocation_id": invocation_id(), "helper_pid": os.getpid()})
+
+
+def last_run(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / RUN)
 
 
 def record_last_stop(instance: Instance, result: dict) -> None:
-    path = ensure_state_dir(instance) / LAST_STOP
-    write_json_atomic(path, {"time": now_iso(), **result})
+    directory = ensure_state_dir(instance)
+    write_json_atomic(directory / LAST_STOP, {"time": now_iso(), "invocation_id": invocation_id(), **result})
+    marker = unclean_stop(instance)
+    if marker is not None and "error" not in marker and result.get("result") != "unclean" \
+            and not result.get("unclean"):
+        # a later stop, clean or not, recovers nothing: say how many there were
+        marker["stops_since"] = int(marker.get("stops_since", 0)) + 1
+        write_json_atomic(directory / UNCLEAN_STOP, marker)
+
+
+def describe_unclean(marker: dict) -> str:
+    """One honest sentence: which stop, how many since the last reconcile, what followed."""
+    if "error" in marker:
+        return marker["error"]
+    events = int(marker.get("events", 1))
+    since = int(marker.get("stops_since", 0))
+    text = f"unclean stop at {marker.get('time', '?')} ({marker.get('reason', '?')})"
+    if events > 1:
+        text += f", the latest of {events} since the last reconcile (first {marker.get('first_time', '?')})"
+    if since:
+        text += f"; {since} later stop(s) did not recover those events"
+    return text
 
 
 def last_stop(instance: Instance) -> dict | None:
@@ -114,3 +202,38 @@ def record_last_drain(instance: Instance, result: dict) -> Path:
 
 def last_drain(instance: Instance) -> dict | None:
     return read_json(state_dir(instance) / LAST_DRAIN)
+
+
+# --------------------------------------------------------------------------- role and switchover
+
+def read_role(configdirectory: os.PathLike | str) -> dict | None:
+    return read_json(directory(configdirectory) / ROLE)
+
+
+def write_role(configdirectory: os.PathLike | str, role: str, by: str, **extra) -> dict:
+    record = {"role": role, "since": now_iso(), "by": by, **extra}
+    write_json_atomic(ensure_directory(configdirectory) / ROLE, record)
+    return record
+
+
+def read_switchover(configdirectory: os.PathLike | str) -> dict | None:
+    return read_json(directory(configdirectory) / SWITCHOVER)
+
+
+def write_switchover(configdirectory: os.PathLike | str, record: dict) -> None:
+    write_json_atomic(ensure_directory(configdirectory) / SWITCHOVER, record)
+
+
+def finish_switchover(configdirectory: os.PathLike | str, record: dict) -> None:
+    """The switchover ended (done, rolled back or aborted): keep it as last-switchover.json."""
+    base = ensure_directory(configdirectory)
+    write_json_atomic(base / LAST_SWITCHOVER, record)
+    try:
+        os.unlink(base / SWITCHOVER)
+    except FileNotFoundError:
+        pass
+    fsync_dir(base)
+
+
+def last_switchover(configdirectory: os.PathLike | str) -> dict | None:
+    return read_json(directory(configdirectory) / LAST_SWITCHOVER)

@@ -17,9 +17,9 @@ import signal
 import sys
 import time
 
-from cyrushelper import arguments, exitcodes, fence, proc, state, synclog
+from cyrushelper import arguments, channels, exitcodes, fence, proc, role, state, synclog
 from cyrushelper.channels import rolling_channels
-from cyrushelper.config import Instance
+from cyrushelper.config import ConfigError, Instance
 from cyrushelper.probe import probe_all
 from cyrushelper.syncwatch import DirWatch
 
@@ -53,9 +53,21 @@ def collect(instance: Instance, probe: bool = True) -> dict:
         "fence": {"path": str(instance.fence_file), "present": fence.fence_present(instance)},
         "sessions": len(fence.sessions(instance)) if pid is not None else 0,
         "unclean_stop": state.unclean_stop(instance),
+        "last_reconcile": state.last_reconcile(instance),
         "last_stop": state.last_stop(instance),
         "last_drain": state.last_drain(instance),
         "state_dir": str(state.state_dir(instance)),
+        "imapd_conf": str(instance.imapd.path),
+        "cyrus_conf": str(instance.cyrus.path),
+        "partitions": sorted(instance.imapd.partitions),
+        "sync_server_ports": sorted({li.port_number for e, li in instance.listeners
+                                     if e.program == "sync_server" and li.port_number}),
+        # where each channel replicates to when this instance is primary (whatever its role now)
+        "sync_targets": [{"name": c.label, "host": c.host, "port": c.port, "replica": c.replica_address}
+                         for c in instance.channels if c.name not in channels.squatter_channels(instance)],
+        "switchover": state.read_switchover(instance.imapd.configdirectory),
+        "last_switchover": state.last_switchover(instance.imapd.configdirectory),
+        **role_report(instance),
     }
     if pid is not None and probe:
         report["listeners"] = {name: ("ok" if err is None else err)
@@ -72,6 +84,20 @@ def collect(instance: Instance, probe: bool = True) -> dict:
     return report
 
 
+def role_report(instance: Instance) -> dict:
+    """"role" (primary|replica), "switchable", the role record and what the pair rules say."""
+    found = role.describe(instance)
+    problems, warnings = [], []
+    if instance.switchable:
+        try:
+            warnings = role.check_switchable(instance)
+        except ConfigError as e:
+            problems.append(str(e))
+    return {"role": found["role"], "switchable": found["switchable"], "role_record": found["record"],
+            "cyrus_conf_by_role": found["cyrus_conf_by_role"], "switchable_problems": problems,
+            "switchable_warnings": warnings}
+
+
 def health(report: dict) -> int:
     if not report["master"]["running"]:
         return NOT_RUNNING
@@ -82,7 +108,15 @@ def health(report: dict) -> int:
 
 def format_text(report: dict) -> str:
     m = report["master"]
-    lines = [f"instance {report['instance']}: {report['state']}"]
+    lines = [f"instance {report['instance']}: {report['state']}, {report['role']}"
+             + (" (switchable)" if report["switchable"] else "")]
+    for problem in report["switchable_problems"]:
+        lines.append(f"  NOT SWITCHABLE: {problem}")
+    so = report.get("switchover")
+    if so:
+        lines.append(f"  UNFINISHED SWITCHOVER {so.get('id', '?')} to {so.get('to', {}).get('target', '?')}: "
+                     f"last step {so.get('step', '?')} ({so.get('state', '?')}); run "
+                     "`cyrushelper switchover --resume` or `--abort`")
     if m["running"]:
         lines.append(f"  master: PID {m['pid']}, {m['processes']} processes in its session, "
                      f"{report['sessions']} client sessions")
@@ -101,9 +135,13 @@ def format_text(report: dict) -> str:
         lines.append(f"  fence present: {report['fence']['path']} (users get BYE, LMTP 421)")
     u = report["unclean_stop"]
     if u is not None:
-        lines.append(f"  UNCLEAN STOP {u.get('time', '?')}: {u.get('reason', u.get('error', '?'))}")
-        lines.append("    replication events may be missing: run `sync_client -A` per channel, "
-                     "then `cyrushelper status --ack-unclean`")
+        lines.append(f"  UNCLEAN STOP: {state.describe_unclean(u)}")
+        lines.append(f"    meaning: {state.UNCLEAN_MEANING}")
+        lines.append(f"    cleared by: {state.UNCLEAN_CLEARED_BY}")
+    elif report.get("last_reconcile"):
+        r = report["last_reconcile"]
+        lines.append(f"  no unclean stop pending (the last one was cleared {r.get('time', '?')} by "
+                     f"{r.get('by', '?')})")
     s = report["last_stop"]
     if s is not None:
         lines.append(f"  last stop {s.get('time', '?')}: {s.get('result', s.get('error', '?'))}"

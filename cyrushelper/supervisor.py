@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cyrushelper import arguments, cyrus, exitcodes, fence, proc, state, synclog
+from cyrushelper import arguments, cyrus, exitcodes, fence, proc, role, state, synclog
 from cyrushelper.channels import replication_channels, rolling_channels
-from cyrushelper.config import Instance
+from cyrushelper.config import Instance, parse_imapd_conf
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
 from cyrushelper.probe import probe_all
 from cyrushelper.syncwatch import DirWatch
@@ -217,6 +217,7 @@ class Supervisor:
         log.info("starting %s", " ".join(cmd))
         self.master = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
                                        env=strip_notify_env(os.environ))
+        state.record_run(self.instance, self.master.pid)
 
     def wait_ready(self, use_ready_file: bool) -> str:
         """'ready', 'stop' (a stop signal arrived), 'died' or 'timeout'."""
@@ -249,14 +250,19 @@ class Supervisor:
         marker = state.unclean_stop(self.instance)
         if marker is not None:
             when = marker.get("time", "?")
-            if self.options.reconcile == "auto":
+            if self.instance.is_replica:
+                # sync_client -A here would push the replica's state over its primary's
+                self.notes["unclean"] = f"unclean stop {when}: reconciled from the primary, not from here"
+                log.warning("%s; this instance is a replica: the primary's reconcile (or a switchover "
+                            "proof) covers it, a replica never pushes", state.describe_unclean(marker))
+            elif self.options.reconcile == "auto":
                 self.start_reconcile()
             elif self.options.reconcile == "recommend":
                 self.notes["unclean"] = (f"unclean stop {when}: reconcile with sync_client -A "
                                          "(or run with --reconcile=auto)")
-                log.warning("the last stop (%s) was unclean (%s): replication events may be missing; "
-                            "run `sync_client -C %s -A` per channel, then `cyrushelper status --ack-unclean`",
-                            when, marker.get("reason", "?"), self.instance.imapd.path)
+                log.warning("%s: replication events may be missing that no log replay recovers; cleared "
+                            "by %s (here: `sync_client -C %s -A` per channel)", state.describe_unclean(marker),
+                            state.UNCLEAN_CLEARED_BY, self.instance.imapd.path)
         self.check_leftovers()
 
     def start_reconcile(self) -> None:
@@ -309,9 +315,12 @@ class Supervisor:
         codes = [code for _, code in job.results]
         if name == "reconcile":
             if job.succeeded:
-                state.clear_unclean_stop(self.instance)
+                marker = state.unclean_stop(self.instance)
+                state.clear_unclean_stop(self.instance, by="reconcile at start: sync_client -A succeeded "
+                                                          f"on every channel ({len(job.commands)})")
                 self.notes.pop("unclean", None)
-                log.info("reconcile finished: every channel re-synced, unclean-stop marker cleared")
+                log.info("reconcile finished: every channel re-synced, unclean-stop marker cleared (%s)",
+                         state.describe_unclean(marker) if marker else "already gone")
             else:
                 self.notes["unclean"] = f"reconcile after unclean stop FAILED (exit {codes}): marker kept"
                 log.error("reconcile failed (exit codes %s); the unclean-stop marker stays", codes)
@@ -465,7 +474,7 @@ class Supervisor:
         self.snapshot_leftovers()
         marker = state.unclean_stop(self.instance)
         if marker is not None:
-            log.warning("unclean-stop marker present (%s: %s)", marker.get("time"), marker.get("reason"))
+            log.warning("unclean-stop marker present: %s", state.describe_unclean(marker))
         if fence.remove_fence(self.instance):
             log.info("removed a stale fence %s (left by an earlier stop)", self.instance.fence_file)
         use_ready_file = cyrus.has_ready_file(cyrus.master_version(master))
@@ -561,10 +570,32 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "report them in STATUS (default auto)")
     parser.add_argument("--drain-timeout", type=arguments.seconds, default=d.drain_timeout, metavar="SECONDS",
                         help=f"deadline for that background drain (default {d.drain_timeout:g})")
+    parser.add_argument("--role", choices=role.ROLES,
+                        help="a switchable instance: start only in this role; refused when its recorded "
+                             "role differs (split-brain guard, exit 77)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --role: start in that role even against the record (loudly), and "
+                             "record it")
 
 
 def main(args: argparse.Namespace) -> int:
-    instance = arguments.load_instance(args, warn=True)
+    files = arguments.instance_files(args)
+    if files.switchable:
+        try:
+            configdirectory = parse_imapd_conf(files.imapd_conf).configdirectory
+            chosen = role.start_role(files, configdirectory, args.role, args.force)
+        except role.RoleRefused as e:
+            log.error("%s", e)
+            return exitcodes.REFUSED
+        instance = arguments.load_instance(args, warn=True, role=chosen)
+        for warning in role.check_switchable(instance):
+            log.warning("%s", warning)
+        log.info("instance %s starts as %s (master runs %s)", instance.name, chosen, instance.cyrus.path)
+    elif args.role is not None:
+        log.error("--role: instance %s is not switchable (its unit names one cyrus.conf)", files.name)
+        return exitcodes.USAGE
+    else:
+        instance = arguments.load_instance(args, warn=True)
     options = Options(start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
                       master_alone_grace=args.master_alone_grace,
                       status_interval=args.status_interval, reconcile=args.reconcile,

@@ -8,12 +8,13 @@ cd "$(dirname "$0")/.."
 SDV=$(dpkg-query -W -f='${Version}' systemd)
 # Cyrus + SASL tools for the lab pair; nspawn for the throwaway systemd; libsystemd-dev etc. to
 # build systemd-python; the rest builds the Debian package (tests/system/test_packaging_deb.py);
-# debootstrap builds the other Debian release's root for its containers (testbed/images.py).
+# debootstrap builds the other Debian release's root for its containers (testbed/images.py);
+# openssh-server gives the two-host switchover test its sshd (run inside a container only).
 PKGS="cyrus-imapd cyrus-common cyrus-replication cyrus-admin cyrus-clients sasl2-bin
       systemd-container=$SDV libsystemd-dev=$SDV pkg-config gcc python3-venv python3-dev
       debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-jinja2
       python3-pyinotify python3-sdnotify python3-packaging python3-pytest python3-hypothesis
-      dpkg-dev fakeroot debootstrap"
+      dpkg-dev fakeroot debootstrap openssh-server"
 missing=""
 for p in $PKGS; do
   name=${p%%=*}

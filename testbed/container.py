@@ -210,6 +210,7 @@ class SystemdContainer:
     binds         extra bind mounts, 'SRC[:DST][:ro]'
     mask          extra units to mask at boot (the host's enabled units are always masked)
     boot_timeout  seconds for systemd to reach running/degraded
+    network_namespace  a network namespace file to join instead of a private loopback-only network
 
     After boot: leader (host PID of the container's PID 1), cgroup (host path of the sandbox
     cgroup), boot_seconds, boot_state, failed_units, python (the interpreter to use inside),
@@ -217,11 +218,15 @@ class SystemdContainer:
     """
 
     def __init__(self, workdir: Path, binds: Iterable[str] = (), mask: Iterable[str] = (),
-                 boot_timeout: float = 60, root: str | Path | None = None):
+                 boot_timeout: float = 60, root: str | Path | None = None,
+                 network_namespace: Path | None = None):
         self.workdir = Path(workdir).resolve()
         self.extra_binds = list(binds)
         self.extra_mask = list(mask)
         self.boot_timeout = boot_timeout
+        # None: a private network with only loopback; else join this network namespace (a file
+        # made by testbed.network), so that containers can talk over a link of their own
+        self.network_namespace = network_namespace
         # the container's root: an overlay of the host's `/` (None), or of another Debian release's
         # root file system (testbed.images), which sees nothing of the host but what is bound in
         self.root = Path(root).resolve() if root is not None and Path(root).resolve() != Path("/") else None
@@ -447,7 +452,9 @@ class SystemdContainer:
         return binds
 
     def _nspawn_args(self) -> list[str]:
-        args = ["--quiet", "--register=no", "--keep-unit", "--private-network",
+        network = (f"--network-namespace-path={self.network_namespace}" if self.network_namespace
+                   else "--private-network")
+        args = ["--quiet", "--register=no", "--keep-unit", network,
                 "--console=pipe", "--link-journal=no", "--machine=cyrushelper-lab",
                 # the host's persistent journal stays out; the container's own is thrown away
                 "--tmpfs=/var/log/journal"]

@@ -277,14 +277,20 @@ class LmtpLoad:
     is retried with the same Message-ID after a back-off; every attempt is classified (OUTCOMES).
 
     Bounded by `max_messages` (distinct messages) and `max_seconds`. `hold` adds one slow sender.
+    `endpoints`: several LMTP hosts (a switchable pair), tried in turn after a failure.
     """
 
     def __init__(self, port: int, users: list[str], record: os.PathLike | str, host: str = LOOPBACK,
                  max_messages: int = 20000, max_seconds: float = 60.0, tag: str | None = None,
-                 pause: float = 0.0, hold: Hold | None = None):
+                 pause: float = 0.0, hold: Hold | None = None,
+                 endpoints: list[tuple[str, int]] | None = None):
         if not users:
             raise ValueError("LmtpLoad needs at least one user")
         self.port = port
+        # like an MTA with several LMTP hosts: a failed attempt moves to the next one
+        self.endpoints = endpoints or [(host, port)]
+        self.refusals: list[tuple[float, str]] = []   # (time, what) of every refused attempt
+        self.ack_times: list[float] = []               # time.time() of every 250
         self.users = list(users)
         self.record_path = Path(record)
         self.host = host
@@ -326,11 +332,16 @@ class LmtpLoad:
             pass
         self._stop.wait(self.hold.extra)
 
+    def _refused(self, what: str) -> None:
+        with self._lock:
+            self.refusals.append((time.time(), what))
+
     def _run(self, user: str, held: bool) -> None:
         deadline = self._started + self.max_seconds
         client = LmtpClient(self.port, self.host)
         pending = None  # the message queued for this user, until it is acknowledged
         backoff = 0.05
+        endpoint = 0
         while not self._stop.is_set() and time.monotonic() < deadline:
             if pending is None:
                 pending = self._take_message(user)
@@ -338,6 +349,7 @@ class LmtpLoad:
                     break
             mid, body = pending
             holding = held and not self._hold_reached.is_set()
+            client.host, client.port = self.endpoints[endpoint % len(self.endpoints)]
             outcome = client.attempt(user, body, self._held_body if holding else None)
             with self._lock:
                 self.stats.outcomes[outcome] += 1
@@ -346,6 +358,7 @@ class LmtpLoad:
             if outcome == "acknowledged":
                 self._record.add(user, mid)
                 with self._lock:
+                    self.ack_times.append(time.time())
                     self.stats.acknowledged += 1
                     self.stats.per_user[user] += 1
                 pending, backoff = None, 0.05
@@ -354,14 +367,27 @@ class LmtpLoad:
                 if self.pause:
                     self._stop.wait(self.pause)
                 continue
+            self._refused(f"{outcome} {client.host}:{client.port}")
             if outcome == "rejected":
                 pending = None  # an MTA bounces it; counted, never retried
-            self._stop.wait(backoff)
-            backoff = min(backoff * 2, 1.0)
+            # like an MTA with several LMTP hosts: a failure moves to the next one (the client is
+            # closed after any failure); refused connections back off once every host refused
+            endpoint += 1
+            if outcome != "connection_refused" or endpoint % len(self.endpoints) == 0:
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
         if pending is not None:
             with self._lock:
                 self.stats.queued += 1
         client.quit()
+
+    def longest_gap(self) -> tuple[float, float]:
+        """(start, end) of the longest time without an acknowledged delivery: the write outage an
+        MTA saw (its own back-off included)."""
+        times = sorted(self.ack_times)
+        if len(times) < 2:
+            return (0.0, 0.0)
+        return max(zip(times, times[1:]), key=lambda pair: pair[1] - pair[0])
 
     def wait_acknowledged(self, count: int, timeout: float = 10.0) -> bool:
         """True once at least `count` messages were acknowledged (False after `timeout`)."""
@@ -535,3 +561,23 @@ def compare_storage(primary_conf: os.PathLike | str, replica_conf: os.PathLike |
                                           same=a is not None and a == b))
     return StorageComparison(primary_only=sorted(set(primary) - set(replica)),
                              replica_only=sorted(set(replica) - set(primary)), mailboxes=compared)
+
+
+def expunge_last(imap_port: int, user: str, count: int = 1, host: str = LOOPBACK) -> list[int]:
+    """As `user`, expunge the `count` highest UIDs of INBOX (on a replica: a change behind
+    replication's back, which the primary never hears of). Returns the UIDs removed."""
+    conn = imaplib.IMAP4(host, imap_port, timeout=30)
+    try:
+        conn.login(user, password_for(user))
+        conn.select("INBOX")
+        typ, data = conn.uid("SEARCH", None, "ALL")
+        uids = [int(u) for u in data[0].split()][-count:]
+        if uids:
+            conn.uid("STORE", ",".join(map(str, uids)), "+FLAGS.SILENT", r"(\Deleted)")
+            conn.expunge()
+        return uids
+    finally:
+        try:
+            conn.logout()
+        except (OSError, imaplib.IMAP4.error):
+            pass

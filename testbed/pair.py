@@ -291,45 +291,13 @@ class CyrusPair:
         for which in WHICH:
             if self.master_pid(which) is not None:
                 self.stop(which)
-        try:
-            cyrus = pwd.getpwnam(CYRUS_USER)
-            mail = grp.getgrnam(CYRUS_GROUP)
-        except KeyError as e:
-            raise LabError(f"user/group missing: {e} (install cyrus-common)") from None
-        saslpasswd2 = shutil.which("saslpasswd2") or "/usr/sbin/saslpasswd2"
-        if not os.path.exists(saslpasswd2):
-            raise LabError("saslpasswd2 not found (install sasl2-bin)")
         texts = self.render()
-        self.root.mkdir(parents=True, exist_ok=True)
-        _check_traversable(self.root, cyrus.pw_uid, {mail.gr_gid, cyrus.pw_gid,
-                                                    *os.getgrouplist(CYRUS_USER, cyrus.pw_gid)})
+        prepare_root(self.root)
         self.log_dir.mkdir(exist_ok=True)
         for which in WHICH:
-            tree = self.dir(which)
-            if tree.exists():
-                shutil.rmtree(tree)
-            for sub in ("spool", "sieve", *(f"config/{d}" for d in
-                                            ("db", "proc", "socket", "log", "msg", "user", "quota",
-                                             "lock", "sync"))):
-                (tree / sub).mkdir(parents=True, exist_ok=True)
-            if which == "primary":
-                for name in self.channels or []:
-                    if name:
-                        (tree / "config" / "sync" / name).mkdir()
-            for kind in ("imapd", "cyrus"):
-                (tree / f"{kind}.conf").write_text(texts[f"{which}/{kind}.conf"], encoding="utf-8")
-            sasldb = tree / "sasldb2"
-            for user, password in USERS.items():
-                result = subprocess.run([saslpasswd2, "-p", "-c", "-f", str(sasldb), "-u", REALMS[which],
-                                         user], input=password + "\n", text=True,
-                                        capture_output=True, timeout=30)
-                if result.returncode != 0:
-                    raise LabError(f"saslpasswd2 for {user} failed: {result.stderr.strip()}")
-            sasldb.chmod(0o640)
-            for dirpath, dirnames, filenames in os.walk(tree):
-                for name in (dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)):
-                    os.chown(name, cyrus.pw_uid, mail.gr_gid)
-            tree.chmod(0o750)
+            extra = [f"config/sync/{n}" for n in (self.channels or []) if n] if which == "primary" else []
+            build_tree(self.dir(which), {f"{kind}.conf": texts[f"{which}/{kind}.conf"] for kind in ("imapd", "cyrus")},
+                       REALMS[which], extra_dirs=extra)
         return self
 
     # -- running masters on the host
@@ -487,6 +455,50 @@ class CyrusPair:
                 "\n[Install]\n"
                 "WantedBy=multi-user.target\n")
         return units
+
+
+TREE_DIRS = ("spool", "sieve", *(f"config/{d}" for d in ("db", "proc", "socket", "log", "msg", "user", "quota",
+                                                          "lock", "sync")))
+
+
+def _cyrus_ids() -> tuple[int, int]:
+    try:
+        return pwd.getpwnam(CYRUS_USER).pw_uid, grp.getgrnam(CYRUS_GROUP).gr_gid
+    except KeyError as e:
+        raise LabError(f"user/group missing: {e} (install cyrus-common)") from None
+
+
+def prepare_root(root: Path) -> None:
+    """Create `root`; every ancestor must let user cyrus through."""
+    uid, gid = _cyrus_ids()
+    root.mkdir(parents=True, exist_ok=True)
+    cyrus_gid = pwd.getpwnam(CYRUS_USER).pw_gid
+    _check_traversable(root, uid, {gid, cyrus_gid, *os.getgrouplist(CYRUS_USER, cyrus_gid)})
+
+
+def build_tree(tree: Path, files: dict[str, str], realm: str, extra_dirs: list[str] = ()) -> None:
+    """One instance's tree from scratch: directories, config files, the SASL users, owner cyrus:mail."""
+    uid, gid = _cyrus_ids()
+    saslpasswd2 = shutil.which("saslpasswd2") or "/usr/sbin/saslpasswd2"
+    if not os.path.exists(saslpasswd2):
+        raise LabError("saslpasswd2 not found (install sasl2-bin)")
+    if tree.exists():
+        shutil.rmtree(tree)
+    for sub in (*TREE_DIRS, *extra_dirs):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (tree / name).write_text(text, encoding="utf-8")
+    sasldb = tree / "sasldb2"
+    for user, password in USERS.items():
+        result = subprocess.run([saslpasswd2, "-p", "-c", "-f", str(sasldb), "-u", realm, user],
+                                input=password + "\n", text=True, capture_output=True, timeout=30)
+        if result.returncode != 0:
+            raise LabError(f"saslpasswd2 for {user} failed: {result.stderr.strip()}")
+    sasldb.chmod(0o640)
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in (dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)):
+            os.chown(name, uid, gid)
+    tree.chmod(0o750)
 
 
 def _check_traversable(path: Path, uid: int, gids: set[int]) -> None:
@@ -651,3 +663,71 @@ class SyslogSink:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------- a switchable pair
+
+SWITCHABLE = ("a", "b")
+SWITCHABLE_FILES = {"imapd.conf": "switchable-imapd.conf", "cyrus.conf": "switchable-cyrus.conf",
+                    "cyrus-replica.conf": "switchable-cyrus-replica.conf"}
+
+
+@dataclass(frozen=True)
+class SwitchablePorts:
+    imap: int
+    lmtp: int
+    sync: int          # this side's sync_server (replica role)
+
+
+class SwitchablePair:
+    """Two instances `a` and `b` set up as the README's switchable-pair recipe says: a symmetric
+    imapd.conf (each names the other as sync_host) and one cyrus.conf per role; roles are given
+    by the units (`generate --initial-role`) and swapped by `cyrushelper switchover`."""
+
+    def __init__(self, root: os.PathLike | str, port_base: int = 12000, names: tuple[str, str] = SWITCHABLE,
+                 peer_host: dict[str, str] | None = None, listen_host: dict[str, str] | None = None):
+        self.root = Path(root).absolute()
+        self.port_base = int(port_base)
+        self.names = names
+        # two hosts: each side listens on its own address and names the other's as sync_host
+        self.listen_host = listen_host or {n: LOOPBACK for n in names}
+        self.peer_host = peer_host or {n: LOOPBACK for n in names}
+
+    def ports(self, name: str) -> SwitchablePorts:
+        i = self.names.index(name)
+        return SwitchablePorts(imap=self.port_base + 143 + 100 * i, lmtp=self.port_base + 24 + i,
+                               sync=self.port_base + 292 + i)
+
+    def peer(self, name: str) -> str:
+        return self.names[1 - self.names.index(name)]
+
+    def dir(self, name: str) -> Path:
+        return self.root / name
+
+    def imapd_conf(self, name: str) -> Path:
+        return self.dir(name) / "imapd.conf"
+
+    def cyrus_conf(self, name: str) -> Path:
+        return self.dir(name) / "cyrus.conf"
+
+    def replica_cyrus_conf(self, name: str) -> Path:
+        return self.dir(name) / "cyrus-replica.conf"
+
+    def config_dir(self, name: str) -> Path:
+        return self.dir(name) / "config"
+
+    def values(self, name: str) -> dict[str, str]:
+        mine, theirs = self.ports(name), self.ports(self.peer(name))
+        return {"ROOT": str(self.root), "NAME": name, "HOST": self.listen_host[name],
+                "IMAP_PORT": str(mine.imap), "LMTP_PORT": str(mine.lmtp), "SYNC_PORT": str(mine.sync),
+                "PEER_HOST": self.peer_host[name], "PEER_SYNC_PORT": str(theirs.sync)}
+
+    def render(self, name: str) -> dict[str, str]:
+        values = self.values(name)
+        return {target: fill(template_text(source), values, source) for target, source in SWITCHABLE_FILES.items()}
+
+    def create(self, only: str | None = None) -> SwitchablePair:
+        prepare_root(self.root)
+        for name in self.names if only is None else [only]:
+            build_tree(self.dir(name), self.render(name), f"{name}.test")
+        return self

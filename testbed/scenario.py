@@ -68,6 +68,25 @@ def hidden_paths() -> list[str]:
     return hidden
 
 
+def install_lab_dropins(container: SystemdContainer, instances: tuple[str, ...],
+                        extra: dict[str, str] | None = None) -> None:
+    """A test-bed adaptation, not product: this checkout or its Python lives where the unit's
+    PrivateTmp=/ProtectHome= hide it (CI may clone anywhere); bind it back read-only. (ProtectHome=yes
+    hides /root and /home beneath binds too: relax it to read-only.) Then daemon-reload."""
+    lab_dropin = ""
+    hidden = hidden_paths()
+    if hidden:
+        lab_dropin += "[Service]\n" + "".join(
+            "ProtectHome=read-only\n" if p.startswith(("/root/", "/home/")) else f"BindReadOnlyPaths={p}\n"
+            for p in hidden)
+    for name in instances:
+        text = lab_dropin + (extra or {}).get(name, "")
+        if text:
+            container.run("sh", "-c", f"mkdir -p /etc/systemd/system/cyrus@{name}.service.d && "
+                                      f"cat > /etc/systemd/system/cyrus@{name}.service.d/lab.conf", input=text)
+    container.systemctl("daemon-reload")
+
+
 class LabSystem:
     """The pair plus its units inside `container`; paths are identical on host and inside."""
 
@@ -127,22 +146,7 @@ class LabSystem:
             if r.returncode != 0:
                 raise RuntimeError(f"cyrushelper generate failed ({r.returncode}): {r.stderr}")
             self.c.install_units(out)
-        lab_dropin = ""
-        hidden = hidden_paths()
-        if hidden:
-            # A test-bed adaptation, not product: this checkout or its Python lives where the unit's
-            # PrivateTmp=/ProtectHome= hide it (CI may clone anywhere); bind it back read-only.
-            # (ProtectHome=yes hides /root and /home beneath binds too: relax it to read-only.)
-            lab_dropin += "[Service]\n" + "".join(
-                "ProtectHome=read-only\n" if p.startswith(("/root/", "/home/")) else f"BindReadOnlyPaths={p}\n"
-                for p in hidden)
-        for which in ("primary", "replica"):
-            text = lab_dropin + (extra_dropin or {}).get(which, "")
-            if text:
-                self.c.run("sh", "-c", f"mkdir -p /etc/systemd/system/cyrus@{which}.service.d && "
-                                       f"cat > /etc/systemd/system/cyrus@{which}.service.d/lab.conf",
-                           input=text)
-        self.c.systemctl("daemon-reload")
+        install_lab_dropins(self.c, ("primary", "replica"), extra_dropin)
 
     def install_stock_unit(self) -> str:
         """The primary as Debian 12 ships cyrus-imapd.service: Type=simple, no ExecStop, default

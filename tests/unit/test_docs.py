@@ -44,3 +44,31 @@ def test_options_named_in_readme_exist():
     for command, option in re.findall(r"`cyrushelper (\w+) [^`]*?(--[a-z-]+)", README):
         options = {o for a in sub.choices[command]._actions for o in a.option_strings}
         assert option in options, f"README names {command} {option}, which does not exist"
+
+
+def recipe_blocks() -> list[str]:
+    """The shell blocks of the README's switchable-pair recipe, in order."""
+    section = README[README.index("### A switchable pair, step by step"):]
+    section = section[:section.index("\n## ")]
+    return re.findall(r"^```sh\n(.*?)^```$", section, re.M | re.S)
+
+
+def test_readme_recipe_writes_the_configs_the_tests_use(tmp_path):
+    """The README's write_instance is the test bed's switchable pair, byte for byte."""
+    import subprocess
+    from testbed.pair import SwitchablePair
+    block = recipe_blocks()[0].replace("ROOT=/srv/cyrus", f"ROOT={tmp_path}", 1)
+    subprocess.run(["sh", "-ec", block], check=True, timeout=30)
+    pair = SwitchablePair(tmp_path, 12000)
+    for name in ("a", "b"):
+        for target, text in pair.render(name).items():
+            assert (tmp_path / name / target).read_text() == text, (name, target)
+
+
+def test_readme_switchover_contract_options_exist():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    options = {o for a in sub.choices["switchover"]._actions for o in a.option_strings}
+    assert {"--from", "--to", "--dry-run", "--resume", "--abort", "--json"} <= options
+    for option in re.findall(r"`(--[a-z-]+)", README[README.index("## Soft failover"):README.index("### A switchable")]):
+        assert any(option in {o for a in p._actions for o in a.option_strings} for p in sub.choices.values()), option

@@ -636,7 +636,10 @@ def test_pending_events_without_sync_host_is_a_config_error_not_success(tmp_path
     assert log.read_bytes() == before
 
 
-def test_from_systemd_records_unclean_stop_when_systemd_killed_the_unit(tmp_path, monkeypatch):
+def test_from_systemd_records_unclean_stop_only_when_cyrus_was_killed(tmp_path, monkeypatch):
+    """Issue 13: the marker means Cyrus processes were killed, with evidence, and always holds
+    the latest event; a helper killed after Cyrus stopped cleanly, or before master ran, is not
+    an unclean stop."""
     from cyrushelper import state
     from cyrushelper.config import Instance
     from cyrushelper.drain import _record_if_killed
@@ -646,14 +649,45 @@ def test_from_systemd_records_unclean_stop_when_systemd_killed_the_unit(tmp_path
     cyrus = tmp_path / "cyrus.conf"
     cyrus.write_text("SERVICES {\n  imap cmd=\"imapd\" listen=\"127.0.0.1:1143\"\n}\n")
     inst = Instance.load(conf, cyrus, "t")
+    killed = {"result": "signal", "exit_code": "killed", "exit_status": "KILL"}
+
+    monkeypatch.setenv("INVOCATION_ID", "start1")
+    state.record_run(inst, 4242)
     _record_if_killed(inst, {"result": "exit-code", "exit_code": "exited", "exit_status": "1"})
     assert state.unclean_stop(inst) is None
     _record_if_killed(inst, {"result": "timeout", "exit_code": "killed", "exit_status": "KILL"})
-    marker = state.unclean_stop(inst)
-    assert marker is not None and "SERVICE_RESULT=timeout" in marker["reason"]
-    # an existing (more detailed) marker from `run` is never overwritten
-    _record_if_killed(inst, {"result": "signal", "exit_code": "killed", "exit_status": "KILL"})
-    assert state.unclean_stop(inst)["reason"] == marker["reason"]
+    first = state.unclean_stop(inst)
+    assert "SERVICE_RESULT=timeout" in first["reason"] and first["master_pid"] == 4242
+    assert first["evidence"]["run"]["invocation_id"] == "start1" and first["events"] == 1
+    _record_if_killed(inst, killed)           # the same start again: not a second event
+    assert state.unclean_stop(inst)["events"] == 1
+
+    monkeypatch.setenv("INVOCATION_ID", "start2")   # a clean start and stop
+    state.record_run(inst, 4300)
+    state.record_last_stop(inst, {"result": "clean"})
+    monkeypatch.setenv("INVOCATION_ID", "start3")   # then a start that is killed
+    state.record_run(inst, 4343)
+    _record_if_killed(inst, killed)
+    latest = state.unclean_stop(inst)
+    assert "SERVICE_RESULT=signal" in latest["reason"] and latest["master_pid"] == 4343
+    assert (latest["events"], latest["first_time"], len(latest["history"])) == (2, first["time"], 2)
+    assert latest["stops_since"] == 0
+
+    monkeypatch.setenv("INVOCATION_ID", "start4")   # Cyrus stopped cleanly, then the helper died
+    state.record_run(inst, 4444)
+    state.record_last_stop(inst, {"result": "clean", "by": "ExecStop"})
+    _record_if_killed(inst, killed)
+    assert state.unclean_stop(inst)["events"] == 2
+    assert state.unclean_stop(inst)["stops_since"] == 1
+
+    monkeypatch.setenv("INVOCATION_ID", "start5")   # killed before master ran (run.json is older)
+    _record_if_killed(inst, killed)
+    assert state.unclean_stop(inst)["events"] == 2
+
+    assert state.clear_unclean_stop(inst, by="a test proof")
+    assert state.unclean_stop(inst) is None
+    cleared = state.last_reconcile(inst)
+    assert cleared["by"] == "a test proof" and cleared["cleared_marker"]["events"] == 2
 
 
 def test_stuck_channel_thread_stops_pulses_and_drain_returns(tmp_path, monkeypatch):

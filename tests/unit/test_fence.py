@@ -149,6 +149,32 @@ def test_stop_refuses_bad_message_and_grace(fake):
     assert _stop(fake, "--grace", "-1").returncode == exitcodes.USAGE
 
 
+def test_replication_processes_are_not_sessions(tmp_path, fake):
+    """A sync_server serving the primary's rolling client (named by its cyrus.conf entry), and
+    Cyrus 3.10's rolling sync_client registering itself, do not end because of the fence: the
+    grace must not wait for them (issue 13: every replica stop waited its full 5 s)."""
+    conf = fake.cyrus_conf.read_text().replace(
+        "SERVICES {\n", f'SERVICES {{\n  syncsrv cmd="sync_server -C {fake.imapd_conf}" listen="127.0.0.1:1"\n')
+    fake.cyrus_conf.write_text(conf)
+    inst = Instance.load(fake.imapd_conf, fake.cyrus_conf)
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    try:
+        _proc_file(fake, sleepers[0].pid, service="syncsrv", user="repl")
+        _proc_file(fake, sleepers[1].pid, service="sync_client", user="")
+        _proc_file(fake, sleepers[2].pid, service="imap", user="alice")
+        assert [s.pid for s in fence.sessions(inst)] == [sleepers[2].pid]
+        everything = fence.sessions(inst, replication=True)
+        assert sorted((s.service, s.replication) for s in everything) == [
+            ("imap", False), ("sync_client", True), ("syncsrv", True)]
+        os.unlink(fake.config / "proc" / str(sleepers[2].pid))
+        # with replication counted, this would wait the whole grace and return them
+        assert fence.wait_for_sessions(inst, grace=30) == []
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
 # --------------------------------------------------------------------------- deliveries in flight
 
 @pytest.fixture

@@ -72,11 +72,13 @@ def test_fence_and_unclean_marker_make_it_degraded_until_acked(fake, running):
     assert report["unclean_stop"]["reason"] == "deadline"
     assert report["last_drain"]["result"] == "drained"
     r, _ = status(fake)
-    assert "UNCLEAN STOP T: deadline" in r.stdout and "fence present" in r.stdout
+    assert "UNCLEAN STOP: unclean stop at T (deadline)" in r.stdout and "fence present" in r.stdout
+    assert "cleared by: a reconcile" in r.stdout
     assert "last drain: result=drained" in r.stdout
     r, _ = status(fake, "--ack-unclean")
     assert r.returncode == 0
     assert not (d / "unclean-stop.json").exists()
+    assert "the last one was cleared" in r.stdout and "status --ack-unclean" in r.stdout
 
 
 def test_listener_down_is_degraded(fake, running):
