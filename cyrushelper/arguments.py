@@ -60,6 +60,21 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def percent(text: str) -> float:
+    """A share in percent, 0 to 100."""
+    value = _number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be between 0 and 100")
+    return value
+
+
+def nonempty(text: str) -> str:
+    """A path argument that must not be empty (an empty --output would mean the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def instance_files(args: argparse.Namespace) -> instances.InstanceFiles:
     return instances.resolve(args.instance, args.imapd_conf, args.cyrus_conf,
                              args.replica_cyrus_conf or None, args.initial_role or None)
@@ -70,6 +85,7 @@ def load_instance(args: argparse.Namespace, warn: bool = False, role: str | None
     configuration warnings are logged."""
     instance = instances.load(instance_files(args), role)
     if warn:
-        for warning in instance.warnings + channels.warnings(instance):
+        hostless = [channels.hostless_message(c, where) for c, where in channels.hostless_channels(instance)]
+        for warning in instance.warnings + channels.warnings(instance) + hostless:
             log.warning("%s", warning)
     return instance

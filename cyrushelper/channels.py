@@ -142,6 +142,14 @@ def replication_channels(instance: Instance) -> list[Channel]:
     return [c for c in instance.channels if not_replicated_reason(instance, c) is None]
 
 
+def hostless_channels(instance: Instance) -> list[tuple[Channel, tuple[str, int | None]]]:
+    """Replication channels with neither `<channel>_sync_host` nor `sync_host`, each with the line
+    that creates it (sync_log_channels, or sync_log for the default channel alone): their events
+    pile up and no drain can ever replay them."""
+    key = "sync_log_channels" if instance.imapd.get("sync_log_channels") is not None else "sync_log"
+    return [(c, instance.imapd.where(key)) for c in replication_channels(instance) if not c.host]
+
+
 def rolling_channels(instance: Instance) -> set[str]:
     """Labels of the channels a rolling sync_client (-r / -R) in cyrus.conf replays continuously."""
     labels = set()
@@ -179,6 +187,15 @@ def warnings(instance: Instance) -> list[str]:
     return [f"{e.path}:{e.line}: sync_client entry {e.name!r} reads channel "
             f"{entry_channel(e) or 'default'!r}, which sync_log_channels does not write"
             for e in instance.sync_client_entries if entry_channel(e) not in written]
+
+
+def hostless_message(channel: Channel, where: tuple[str, int | None]) -> str:
+    if channel.name:
+        what = f"channel {channel.name!r} has no {channel.name}_sync_host and there is no sync_host"
+    else:
+        what = "sync_log is on for the default channel but there is no sync_host"
+    return (f"{where[0]}:{where[1]}: {what}: its events could never be replicated, and every stop "
+            "would fail (exit 78) with them kept")
 
 
 # --------------------------------------------------------------------------- live readers

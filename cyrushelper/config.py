@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,22 +50,48 @@ def parse_switch(value: str) -> bool | None:
     return None
 
 
+# Limits on what we read as a configuration file. Cyrus has neither: it would follow an @include
+# chain until its stack ran out (every level holds a 4 KiB line buffer) and read /dev/zero forever.
+MAX_CONFIG_BYTES = 4 << 20       # a real imapd.conf or cyrus.conf is a few KiB
+MAX_INCLUDE_DEPTH = 32           # nobody writes deeper chains by hand
+
+
 def _read_lines(path: str, site: tuple[str, int | None] | None = None) -> list[str]:
     """The file's lines split at '\\n' as fgets() sees them (the last item is what follows the last
-    newline). `site` is the (file, line) that named this file, for the error message."""
+    newline). `site` is the (file, line) that named this file, for the error message.
+
+    Only a regular file is read: a FIFO would block forever (and a device like /dev/zero never
+    end), so the type is checked before opening and again on the opened descriptor (O_NONBLOCK:
+    opening a FIFO must not wait for a writer either)."""
     where = site or (path, None)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(*where, f"{path} is {_file_kind(mode)}, not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(*where, f"{path} is {_file_kind(st.st_mode)}, not a regular file")
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except (OSError, ValueError) as e:  # ValueError: a NUL in an @include path
         reason = getattr(e, "strerror", None) or str(e)
         raise ConfigError(*where, f"cannot read {path}: {reason}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(*where, f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a "
+                                  "configuration file")
     lines = data.decode("utf-8", errors="surrogateescape").split("\n")
     for number, line in enumerate(lines, 1):
         if "\0" in line:
             # C reads a line only up to a NUL: whatever follows it on the line would be lost.
             raise ConfigError(path, number, "NUL byte in the line (Cyrus would ignore the rest of it)")
     return lines
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 # --------------------------------------------------------------------------- imapd.conf
@@ -343,11 +370,15 @@ def parse_imapd_conf(path: os.PathLike | str, _seen: set[str] | None = None) -> 
 
 
 def _read_imapd_file(path: str, options: dict[str, Option], seen: set[str],
-                     site: tuple[str, int] | None) -> None:
-    """Add the options of `path` to `options`; `site` is the @include line that named it."""
+                     site: tuple[str, int] | None, depth: int = 0) -> None:
+    """Add the options of `path` to `options`; `site` is the @include line that named it, `depth`
+    how many @include lines lead here."""
     identity = os.path.realpath(path)
     if identity in seen:
         raise ConfigError(*(site or (path, None)), f"{path} is included twice (Cyrus refuses that)")
+    if depth > MAX_INCLUDE_DEPTH:
+        raise ConfigError(*site, f"@include nested more than {MAX_INCLUDE_DEPTH} files deep: "
+                                 "refusing (flatten the chain)")
     seen.add(identity)
     lines = _read_lines(path, site)
     pending: str | None = None
@@ -366,11 +397,11 @@ def _read_imapd_file(path: str, options: dict[str, Option], seen: set[str],
             # The file ends right after a '\' line: fgets() hits EOF and Cyrus drops the option.
             raise ConfigError(path, start, "the last line ends with '\\' (continued on the next line) "
                                            "but the file ends there: Cyrus would ignore this option")
-        _read_imapd_line(path, start, text, options, seen)
+        _read_imapd_line(path, start, text, options, seen, depth)
 
 
 def _read_imapd_line(path: str, lineno: int, text: str,
-                     options: dict[str, Option], seen: set[str]) -> None:
+                     options: dict[str, Option], seen: set[str], depth: int) -> None:
     stripped = text.lstrip(SPACE)
     if not stripped or stripped.startswith("#"):
         return
@@ -398,7 +429,7 @@ def _read_imapd_line(path: str, lineno: int, text: str,
             # Cyrus opens it relative to each process's working directory, not to this file.
             raise ConfigError(path, lineno, f"@include {value!r} must be an absolute path (Cyrus resolves "
                                             "a relative one against the working directory)")
-        _read_imapd_file(value, options, seen, (path, lineno))
+        _read_imapd_file(value, options, seen, (path, lineno), depth + 1)
         return
     if key in options:
         first = options[key]

@@ -9,8 +9,10 @@ The output is meant to be copied as-is into /etc/systemd/system:
 
 Every regular file carries a header with the SHA-256 of its body. Re-rendering overwrites a file only
 while its body still matches that hash; a file edited by hand (or not written by us) is refused
-unless --force. Everything is rendered and checked in memory first, then each file is written
-atomically, so a configuration error or a refusal leaves the directory untouched.
+unless --force. All or nothing: everything is rendered and checked in memory first (configuration,
+paths systemd would ignore, the templates, what already stands in the output), then the files are
+staged and swapped into place together (atomic.install_all), so a configuration error, a refusal,
+a full disk or a read-only directory leaves the previous output exactly as it was.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from cyrushelper import arguments, exitcodes, role
-from cyrushelper.atomic import symlink_atomic, write_atomic
+from cyrushelper import arguments, atomic, channels, exitcodes, role
+from cyrushelper.atomic import InstallError, install_all
+from cyrushelper.channels import hostless_channels, hostless_message
 from cyrushelper.config import DEFAULT_IMAPD_CONF, ConfigError, Instance
 
 log = logging.getLogger("cyrushelper.render")
@@ -44,6 +47,16 @@ _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Paths end up in Environment=, ReadWritePaths= and ExecStartPre= lines: refuse anything systemd
 # would split, unquote or expand (whitespace, quotes, backslash, '%' specifiers, '$' variables).
 _SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9_.+,:=@/-]*")
+# systemd ignores (with a warning only) a path whose component is longer than NAME_MAX or that is
+# PATH_MAX long or longer (systemd-analyze verify on 252: "ReadWritePaths= path has invalid
+# length", "Failed to resolve unit specifiers"): the unit would run without it.
+_NAME_MAX = 255
+_PATH_MAX = 4095
+# A writable path here would make ProtectSystem=strict meaningless: ReadWritePaths=/ (or /usr,
+# /etc …) opens the whole system, or all of its programs or configuration, to the service.
+_SYSTEM_DIRS = tuple(PurePosixPath(p) for p in ("/", "/bin", "/boot", "/dev", "/efi", "/etc", "/lib",
+                                                "/lib32", "/lib64", "/libx32", "/proc", "/run",
+                                                "/sbin", "/sys", "/usr", "/var"))
 _VOLATILE_ROOTS = (PurePosixPath("/run"),)
 _HOME_ROOTS = (PurePosixPath("/home"), PurePosixPath("/root"), PurePosixPath("/run/user"))
 
@@ -119,6 +132,14 @@ def _safe_path(path: str | os.PathLike, where: tuple[str, int | None]) -> PurePo
     if not _SAFE_PATH_RE.fullmatch(text):
         raise ConfigError(where[0], where[1], f"path {text!r} contains characters systemd unit files "
                                               "would interpret (whitespace, quotes, \\, %, $)")
+    long_part = max(text.split("/"), key=len)
+    if len(long_part.encode()) > _NAME_MAX:
+        raise ConfigError(where[0], where[1], f"path component {long_part[:40]!r}… is "
+                                              f"{len(long_part.encode())} bytes long: systemd ignores "
+                                              f"paths with a component over {_NAME_MAX} bytes")
+    if len(text.encode()) > _PATH_MAX:
+        raise ConfigError(where[0], where[1], f"path {text[:40]!r}… is {len(text.encode())} bytes long: "
+                                              f"systemd ignores paths over {_PATH_MAX} bytes")
     return PurePosixPath(text)
 
 
@@ -129,12 +150,14 @@ def _under(path: PurePosixPath, roots: tuple[PurePosixPath, ...]) -> bool:
 def writable_paths(inst: Instance) -> list[WritablePath]:
     """What the instance writes to: imapd.conf's paths plus cyrus.conf's UNIX socket directories."""
     # configdirectory is the one required path (imapd.conf's list starts with it)
-    found: list[tuple[PurePosixPath, bool]] = [(_safe_path(item.path, item.where), item.option == "configdirectory")
+    found: list[tuple[PurePosixPath, bool]] = [(_writable(item.path, item.where, item.option),
+                                                item.option == "configdirectory")
                                                for item in inst.imapd.writable_paths]
     for entry in [e for conf in (inst.cyrus_by_role.values() or [inst.cyrus]) for e in conf.entries]:
         listen = entry.listen
         if listen is not None and listen.kind == "unix":
-            found.append((_safe_path(listen.path.parent, (entry.path, entry.line)), False))
+            found.append((_writable(listen.path.parent, (entry.path, entry.line), f"{entry.name} listen="),
+                          False))
     # Drop duplicates and paths inside another listed path (already writable through it).
     result: list[WritablePath] = []
     for path, required in found:
@@ -144,6 +167,17 @@ def writable_paths(inst: Instance) -> list[WritablePath]:
         if all(w.path != path for w in result):
             result.append(WritablePath(path, required))
     return result
+
+
+def _writable(path: str | os.PathLike, where: tuple[str, int | None], option: str | None) -> PurePosixPath:
+    """A path for ReadWritePaths=: safe for a unit file, and not a whole system directory."""
+    checked = _safe_path(path, where)
+    if checked in _SYSTEM_DIRS:
+        what = f"{option} is {str(checked)!r}" if option else f"a path derived from configdirectory is {str(checked)!r}"
+        raise ConfigError(where[0], where[1], f"{what}: the unit would get ReadWritePaths={checked}, which "
+                                              "undoes ProtectSystem=strict for that whole tree; use a "
+                                              "directory of its own (Debian: /var/lib/cyrus)")
+    return checked
 
 
 def runtime_dirs(paths: list[WritablePath]) -> list[str]:
@@ -176,6 +210,10 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
                                         ("--replica-cyrus-conf", None))
     paths = writable_paths(inst)
     volatile = runtime_dirs(paths)
+    for channel, (path, line) in hostless_channels(inst):
+        key = f"{channel.name}_sync_host" if channel.name else "sync_host"
+        text = hostless_message(channel, (path, line)).split(": ", 1)[1]
+        raise ConfigError(path, line, f"{text}; set {key}, or remove the channel")
     cyrus_user = inst.imapd.get("cyrus_user", "cyrus")
     cyrus_group = inst.imapd.get("cyrus_group")
     for value, key in ((cyrus_user, "cyrus_user"), (cyrus_group, "cyrus_group")):
@@ -202,7 +240,10 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
     }
 
     def file(relpath: str, template: str) -> RenderedFile:
-        body = env.get_template(template).render(context)
+        try:
+            body = env.get_template(template).render(context)
+        except jinja2.TemplateError as e:
+            raise _template_error(env, template, e) from None
         return RenderedFile(relpath, text=header(template, body) + body)
 
     return [
@@ -211,6 +252,17 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
         file(f"cyrus@{name}.service.d/cyrushelper.conf", "cyrushelper.conf.j2"),
         RenderedFile(f"cyrus.service.wants/cyrus@{name}.service", link_target="../cyrus@.service"),
     ]
+
+
+def _template_error(env: jinja2.Environment, template: str, e: jinja2.TemplateError) -> ConfigError:
+    """A broken template as file:line (syntax errors carry both; an undefined variable only its
+    template, which is the one being rendered unless an include names another)."""
+    directory = Path(env.loader.searchpath[0])
+    name = getattr(e, "name", None) or template
+    if isinstance(e, jinja2.TemplateNotFound):
+        return ConfigError(directory / name, None, "template missing")
+    return ConfigError(getattr(e, "filename", None) or directory / name, getattr(e, "lineno", None),
+                       f"template error: {e.message or type(e).__name__}")
 
 
 # --------------------------------------------------------------------------- writing
@@ -244,10 +296,25 @@ def _existing_state(target: Path, item: RenderedFile) -> str:
     return "ours"
 
 
+def _blocking_parent(output: Path, item: RenderedFile) -> Path | None:
+    """A path between `output` and the item that exists but is not a directory."""
+    for parent in reversed(PurePosixPath(item.relpath).parents[:-1]):
+        path = output / parent
+        if os.path.lexists(path) and not os.path.isdir(path):
+            return path
+    return None
+
+
 def plan(files: list[RenderedFile], output: Path, force: bool = False) -> list[RenderedFile]:
     """The files that need writing; raises OutputConflict naming every refused file."""
     todo, conflicts = [], []
     for item in files:
+        blocking = _blocking_parent(output, item)
+        if blocking is not None:
+            if not force:
+                conflicts.append(f"{blocking}: exists and is not a directory (needed for {item.relpath})")
+            todo.append(item)
+            continue
         state = _existing_state(output / item.relpath, item)
         if state == "same":
             continue
@@ -261,23 +328,24 @@ def plan(files: list[RenderedFile], output: Path, force: bool = False) -> list[R
     return todo
 
 
-def write(files: list[RenderedFile], output: Path) -> None:
-    for item in files:
-        target = output / item.relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if item.link_target is not None:
-            symlink_atomic(item.link_target, target)
-        else:
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)  # only reachable with --force
-            write_atomic(target, item.text, item.mode)
+def check_output(output: Path) -> None:
+    """Refuse an --output that can never work, before rendering anything."""
+    if os.path.islink(output) and not output.exists():
+        raise ConfigError("--output", None, f"{output} is a symlink to {os.readlink(output)!r}, which does "
+                                            "not exist")
+    if output.exists() and not output.is_dir():
+        raise ConfigError("--output", None, f"{output} exists and is not a directory")
 
 
 def generate(inst: Instance, output: Path, helper: str, *, force: bool = False,
              **render_options) -> list[RenderedFile]:
+    """Render, check, then write all files or none. Raises ConfigError, OutputConflict or
+    atomic.InstallError (nothing changed unless its undo failed, which it says)."""
+    check_output(output)
     files = render(inst, helper, **render_options)
     todo = plan(files, output, force)
-    write(todo, output)
+    if todo:
+        install_all(output, todo)
     return todo
 
 
@@ -285,7 +353,7 @@ def generate(inst: Instance, output: Path, helper: str, *, force: bool = False,
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     arguments.add_instance_arguments(parser)
-    parser.add_argument("--output", "-o", required=True, metavar="DIR",
+    parser.add_argument("--output", "-o", required=True, metavar="DIR", type=arguments.nonempty,
                         help="directory to write the units into (copy its contents to /etc/systemd/system)")
     parser.add_argument("--helper", metavar="PATH",
                         help="absolute path the units call cyrushelper by "
@@ -305,11 +373,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     check_instance_name(args.instance)
-    # with --unit-imapd-conf the parsed file is a copy: its -C warnings would be meaningless
-    inst = arguments.load_instance(args, warn=args.unit_imapd_conf is None)
     output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(output, None, "--output exists and is not a directory")
+    check_output(output)
+    inst = arguments.load_instance(args)
     try:
         written = generate(inst, output, args.helper or default_helper(), force=args.force,
                            replica_instance=args.replica_instance,
@@ -318,6 +384,19 @@ def main(args: argparse.Namespace) -> int:
     except OutputConflict as e:
         print(f"cyrushelper generate: {e}", file=sys.stderr)
         return exitcodes.FAILURE
+    except InstallError as e:
+        where = f": {e.filename}" if e.filename and atomic.STAGING_PREFIX not in str(e.filename) else ""
+        if e.rolled_back:
+            outcome = "nothing written, the previous output is intact"
+        else:
+            outcome = "UNDO FAILED, check the output: " + "; ".join(e.undo_failures)
+        print(f"cyrushelper generate: cannot write into {output}: {e.strerror}{where}; {outcome}",
+              file=sys.stderr)
+        return exitcodes.IO_ERROR
+    # with --unit-imapd-conf the parsed file is a copy: its -C warnings would be meaningless
+    if args.unit_imapd_conf is None:
+        for warning in inst.warnings + channels.warnings(inst):
+            log.warning("%s", warning)
     for item in written:
         print(output / item.relpath)
     if not written:

@@ -17,6 +17,13 @@
   channel (`run --reconcile=auto`), a switchover proof that found both sides equal, or an
   operator's `cyrushelper status --ack-unclean` after reconciling by hand; `last-reconcile.json`
   then says which marker was cleared, when and by what.
+- `sync-log-failure.json`, its sibling with the same meaning and the same clearing rules (issue
+  10): a mailbox change may have no sync log line. Written when Cyrus reported a failed sync log
+  write (lmtpd still answers 250: "write() to …/sync/log failed: No space left on device"), when
+  the sync file system was seen full or read-only while Cyrus ran, or when a drain found a line
+  Cyrus's reader would drop (a cut-off or damaged line) or a sync log that is not a regular file.
+  It holds the latest event with its evidence, the first one and how many there were. Every proof
+  that clears the unclean-stop marker clears this one too (`clear_reconcile_markers`).
 - `last-stop.json`: how the last stop ended (clean/unclean/master died), with the systemd
   invocation it belongs to, for `status` and for the drain's judgement above.
 - `run.json`: the running invocation (master PID, systemd INVOCATION_ID), written at start: the
@@ -44,6 +51,9 @@ from cyrushelper.config import Instance
 
 DIRNAME = "cyrushelper"
 UNCLEAN_STOP = "unclean-stop.json"
+SYNC_LOG_FAILURE = "sync-log-failure.json"
+# the markers that mean "reconcile before trusting the replica"; the same proofs clear them all
+RECONCILE_MARKERS = (UNCLEAN_STOP, SYNC_LOG_FAILURE)
 LAST_STOP = "last-stop.json"
 LAST_DRAIN = "last-drain.json"
 LAST_RECONCILE = "last-reconcile.json"
@@ -55,8 +65,11 @@ UNCLEAN_HISTORY = 10            # events kept in the marker (the latest first)
 UNCLEAN_MEANING = ("a Cyrus process was killed before a safe point: a mailbox change may have no sync "
                    "log line, which no log replay recovers")
 UNCLEAN_CLEARED_BY = ("a reconcile that succeeds on every channel (`run --reconcile=auto` at the next "
-                      "start), a switchover proof, or `cyrushelper status --ack-unclean` after "
-                      "`sync_client -A` by hand")
+                      "start, `drain --reconcile=auto`), a switchover proof, or `cyrushelper status "
+                      "--ack-unclean` after `sync_client -A` by hand")
+RECONCILE_CLEARED_BY = UNCLEAN_CLEARED_BY
+SYNC_LOG_FAILURE_MEANING = ("a mailbox change may have no sync log line (Cyrus could not write it, or the "
+                            "line is damaged): no log replay recovers it")
 
 
 def directory(configdirectory: os.PathLike | str) -> Path:
@@ -137,18 +150,63 @@ def unclean_stop(instance: Instance) -> dict | None:
 
 
 def clear_unclean_stop(instance: Instance, by: str = "cyrushelper status --ack-unclean") -> bool:
-    """Remove the marker after a proof (`by` says which); the cleared marker goes to
-    last-reconcile.json. False if there was none."""
-    marker = unclean_stop(instance)
-    if marker is None:
-        return False
+    """Remove the marker -- and its sibling sync-log-failure.json, cleared by the same proofs --
+    after a proof (`by` says which); the cleared markers go to last-reconcile.json. False if there
+    was none."""
+    return bool(clear_reconcile_markers(instance, by))
+
+
+def record_sync_log_failure(instance: Instance, reason: str, evidence: dict | None = None) -> Path:
+    """Record the latest event that may have cost a sync log line; earlier ones stay counted."""
+    path = ensure_state_dir(instance) / SYNC_LOG_FAILURE
+    previous = read_json(path) or {}
+    if "error" in previous:
+        previous = {}
+    now = now_iso()
+    write_json_atomic(path, {
+        "time": now,
+        "reason": reason,
+        "evidence": evidence or {},
+        "instance": instance.name,
+        "invocation_id": invocation_id(),
+        "events": int(previous.get("events", 0)) + 1,
+        "first_time": previous.get("first_time", now),
+        "first_reason": previous.get("first_reason", reason),
+        "meaning": SYNC_LOG_FAILURE_MEANING,
+        "cleared_by": RECONCILE_CLEARED_BY,
+    })
+    return path
+
+
+def sync_log_failure(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / SYNC_LOG_FAILURE)
+
+
+def reconcile_markers(instance: Instance) -> dict[str, dict]:
+    """The markers present, by file name: each means a reconcile must run before a clean result."""
+    found = {}
+    for name in RECONCILE_MARKERS:
+        marker = read_json(state_dir(instance) / name)
+        if marker is not None:
+            found[name] = marker
+    return found
+
+
+def clear_reconcile_markers(instance: Instance, by: str) -> list[str]:
+    """Remove every reconcile marker after a proof (`by` says which); they go to
+    last-reconcile.json (`cleared_marker` is the unclean-stop one, as before). Returns the names."""
+    markers = reconcile_markers(instance)
+    if not markers:
+        return []
     directory = ensure_state_dir(instance)
-    write_json_atomic(directory / LAST_RECONCILE, {"time": now_iso(), "by": by, "cleared_marker": marker})
-    try:
-        os.unlink(directory / UNCLEAN_STOP)
-    except FileNotFoundError:
-        pass
-    return True
+    write_json_atomic(directory / LAST_RECONCILE, {"time": now_iso(), "by": by, "cleared": markers,
+                                                   "cleared_marker": markers.get(UNCLEAN_STOP)})
+    for name in markers:
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            pass
+    return sorted(markers)
 
 
 def last_reconcile(instance: Instance) -> dict | None:
@@ -188,6 +246,23 @@ def describe_unclean(marker: dict) -> str:
     if since:
         text += f"; {since} later stop(s) did not recover those events"
     return text
+
+
+def describe_sync_log_failure(marker: dict) -> str:
+    if "error" in marker:
+        return marker["error"]
+    text = f"sync log events may be missing at {marker.get('time', '?')}: {marker.get('reason', '?')}"
+    events = int(marker.get("events", 1))
+    if events > 1:
+        first = marker.get("first_reason")
+        text += f" (the latest of {events} since {marker.get('first_time', '?')}" + \
+            (f"; the first: {first})" if first and first != marker.get("reason") else ")")
+    return text
+
+
+def describe_marker(name: str, marker: dict) -> str:
+    """One line for a reconcile marker: what happened, when, how often."""
+    return describe_unclean(marker) if name == UNCLEAN_STOP else describe_sync_log_failure(marker)
 
 
 def last_stop(instance: Instance) -> dict | None:

@@ -1,10 +1,15 @@
 """`cyrushelper status` (one report) and `cyrushelper watch` (live backlog, inotify driven).
 
 status exit codes (LSB-like, for scripts and monitoring):
-  0  master runs, every SERVICES listener accepts, no unclean-stop marker
-  1  master runs but needs attention: a listener does not accept, or the last stop was unclean
-  3  master is not running (the report still shows backlog, last stop and markers)
+  0  master runs, every SERVICES listener accepts, no problem
+  1  master runs but needs attention: a listener does not accept, or a problem below
+  3  master is not running (the report still shows backlog, last stop, markers and problems)
  78  configuration error
+
+Problems (`problems` in --json, a PROBLEM line each in the text), whether master runs or not: the
+sync-log-failure marker (the unclean-stop marker has its own UNCLEAN STOP lines), a sync file system that is full, read-only
+or below --space-warn, a channel directory with events that sync_log_channels no longer names, a
+sync log that is not a regular file or ends in a cut-off line (the drain checks every line).
 """
 
 from __future__ import annotations
@@ -30,11 +35,39 @@ DEGRADED = 1
 NOT_RUNNING = 3
 
 STATUS_EPILOG = """status exit codes:
-    0  master runs, every SERVICES listener accepts, no unclean-stop marker
-    1  master runs but needs attention: a listener does not accept, or the last stop was unclean
-    3  master is not running (backlog, last stop and markers are still reported)
+    0  master runs, every SERVICES listener accepts, no problem
+    1  master runs but needs attention: a listener does not accept, or a PROBLEM line
+    3  master is not running (backlog, last stop, markers and PROBLEM lines are still reported)
    78  configuration error
 """
+
+
+def problems(instance: Instance, space_warn: float = synclog.DEFAULT_SPACE_WARN) -> list[str]:
+    """Every real problem of the instance's replication, one line each (see the module doc)."""
+    # the unclean-stop marker has its own report field and UNCLEAN STOP lines; its sibling is here
+    found = [f"{state.describe_marker(name, m)}: reconcile needed (sync_client -A, or `cyrushelper drain "
+             "--reconcile auto`)" for name, m in sorted(state.reconcile_markers(instance).items())
+             if name != state.UNCLEAN_STOP]
+    for channel in instance.channels:
+        found += [f"channel {channel.label}: {path} is {kind}, not a regular file (Cyrus cannot append to it)"
+                  for path, kind in synclog.irregular_files(channel)]
+        for path in (channel.log_run, channel.log):  # the drain reads whole files; status the ends
+            cut = synclog.cut_off_end(path)
+            if cut is not None:
+                found.append(f"channel {channel.label}: {cut}")
+    seen = set()
+    for channel in instance.channels:
+        room = synclog.room(channel.sync_dir)
+        if room is None or (room.total_bytes, room.free_bytes) in seen:
+            continue
+        seen.add((room.total_bytes, room.free_bytes))
+        if room.full:
+            found.append(f"sync file system FULL: {room.describe()}: Cyrus's sync log writes fail")
+        elif room.percent_free < space_warn:
+            found.append(f"sync file system low: {room.describe()} (warning below {space_warn:g}%)")
+    found += [f"orphaned channel {o.label}: {o.lines} lines in {o.sync_dir} ({', '.join(o.files)}), which "
+              "sync_log_channels no longer names: nothing replays them" for o in synclog.orphaned_channels(instance)]
+    return found
 
 
 def collect(instance: Instance, probe: bool = True) -> dict:
@@ -53,6 +86,7 @@ def collect(instance: Instance, probe: bool = True) -> dict:
         "fence": {"path": str(instance.fence_file), "present": fence.fence_present(instance)},
         "sessions": len(fence.sessions(instance)) if pid is not None else 0,
         "unclean_stop": state.unclean_stop(instance),
+        "sync_log_failure": state.sync_log_failure(instance),
         "last_reconcile": state.last_reconcile(instance),
         "last_stop": state.last_stop(instance),
         "last_drain": state.last_drain(instance),
@@ -79,6 +113,7 @@ def collect(instance: Instance, probe: bool = True) -> dict:
             "log": b.log, "log_run": b.log_run, "legacy": b.legacy, "files": list(b.files),
             "rolling_sync_client": b.channel in rolling,
         })
+    report["problems"] = problems(instance)
     report["exit_code"] = health(report)
     report["state"] = {RUNNING: "running", DEGRADED: "degraded", NOT_RUNNING: "not running"}[report["exit_code"]]
     return report
@@ -101,7 +136,8 @@ def role_report(instance: Instance) -> dict:
 def health(report: dict) -> int:
     if not report["master"]["running"]:
         return NOT_RUNNING
-    if report["unclean_stop"] is not None or any(v != "ok" for v in report["listeners"].values()):
+    if report["unclean_stop"] is not None or report["problems"] \
+            or any(v != "ok" for v in report["listeners"].values()):
         return DEGRADED
     return RUNNING
 
@@ -138,10 +174,12 @@ def format_text(report: dict) -> str:
         lines.append(f"  UNCLEAN STOP: {state.describe_unclean(u)}")
         lines.append(f"    meaning: {state.UNCLEAN_MEANING}")
         lines.append(f"    cleared by: {state.UNCLEAN_CLEARED_BY}")
-    elif report.get("last_reconcile"):
+    elif report.get("last_reconcile") and report.get("sync_log_failure") is None:
         r = report["last_reconcile"]
         lines.append(f"  no unclean stop pending (the last one was cleared {r.get('time', '?')} by "
                      f"{r.get('by', '?')})")
+    for problem in report["problems"]:
+        lines.append(f"  PROBLEM: {problem}")
     s = report["last_stop"]
     if s is not None:
         lines.append(f"  last stop {s.get('time', '?')}: {s.get('result', s.get('error', '?'))}"
@@ -234,7 +272,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--no-probe", action="store_true",
                             help="do not connect to the listeners (a probe starts a Cyrus process each)")
         parser.add_argument("--ack-unclean", action="store_true",
-                            help="remove the unclean-stop marker after you reconciled by hand")
+                            help="remove the reconcile markers (unclean stop, failed sync log writes) "
+                                 "after you reconciled by hand with sync_client -A")
     else:
         parser.add_argument("--interval", type=arguments.seconds, default=0.25, metavar="SECONDS",
                             help="at most one line per interval (default 0.25)")
@@ -247,10 +286,11 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "watch":
         return watch(instance, args.json, args.interval, args.duration)
     if args.ack_unclean:
-        if state.clear_unclean_stop(instance):
-            log.info("unclean-stop marker removed from %s", state.state_dir(instance))
+        cleared = state.clear_reconcile_markers(instance, by="cyrushelper status --ack-unclean")
+        if cleared:
+            log.info("reconcile markers removed from %s: %s", state.state_dir(instance), ", ".join(cleared))
         else:
-            log.info("no unclean-stop marker to remove")
+            log.info("no reconcile marker to remove")
     report = collect(instance, probe=not args.no_probe)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))

@@ -12,8 +12,25 @@ loop: when the installed master is that new (cyrus.py) we first wait for the fil
 probe the listeners.
 
 Running: STATUS= shows each channel's replication backlog, refreshed from inotify events on the
-sync directories (at most every --status-interval seconds; nothing polls). SIGHUP goes to master
-(it re-reads cyrus.conf). Master exiting on its own ends us with exit 1: the unit fails.
+sync directories (at most every --status-interval seconds). SIGHUP goes to master (it re-reads
+cyrus.conf). Master exiting on its own ends us with exit 1: the unit fails.
+
+Lost events (issue 10): Cyrus acknowledges mail whose sync log line it could not write (lmtpd
+answers 250 and only logs "write() to …/sync/log failed: No space left on device"). What `run`
+watches, and what it can and cannot see:
+- the journal of this invocation (cyruslog.Watcher, asked every SPACE_CHECK_INTERVAL seconds and
+  once more after master is gone): every failed sync log write Cyrus reports, and journald's
+  "Suppressed N messages" for this unit (a failure may have been among them). Not available
+  outside systemd (said once at start); a journal that cannot store (its own disk full) loses
+  lines, which the next check covers.
+- statvfs of every sync file system, on each sync log change and every SPACE_CHECK_INTERVAL
+  seconds: below --space-warn percent free, STATUS warns; full (no block or inode left for the
+  cyrus user) or read-only while master runs counts as a failure, since Cyrus's next append fails.
+  A disk full for less than the interval between two checks is seen only through the journal.
+- the drain (ExecStopPost) finds what a failed write left in the file: a cut-off line.
+Any of these records the sync-log-failure marker (state.py): status reports it, the drain refuses a
+clean result until a reconcile (`sync_client -A`) succeeded, --reconcile=auto runs it at the next
+start. Sync log directories that sync_log_channels no longer names but hold events are reported.
 
 Stop (SIGTERM or SIGINT): STOPPING=1, then exactly one SIGTERM to master (the unit's
 KillMode=mixed keeps systemd from signalling the children too; a second SIGTERM would kill a
@@ -36,7 +53,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cyrushelper import arguments, cyrus, exitcodes, fence, proc, role, state, synclog
+from cyrushelper import arguments, cyrus, cyruslog, exitcodes, fence, proc, role, state, synclog
 from cyrushelper.channels import replication_channels, rolling_channels
 from cyrushelper.config import Instance, parse_imapd_conf
 from cyrushelper.notify import Notifier, Pulse, strip_notify_env
@@ -46,6 +63,8 @@ from cyrushelper.syncwatch import DirWatch
 log = logging.getLogger("cyrushelper.run")
 
 RECONCILE_CHOICES = ("auto", "recommend", "off")
+SPACE_CHECK_INTERVAL = 5.0
+FAILURE_LOG_INTERVAL = 60.0    # at most one journal line per minute about continuing failures
 
 
 # --------------------------------------------------------------------------- background jobs
@@ -133,6 +152,7 @@ class Options:
     reconcile_timeout: float = 600.0
     leftover_drain: bool = True
     drain_timeout: float = 300.0
+    space_warn: float = synclog.DEFAULT_SPACE_WARN
 
 
 class Supervisor:
@@ -151,6 +171,12 @@ class Supervisor:
         self._last_status_text = None
         self._backlog_text = ""
         self.repeated_stop_signals = 0
+        self.journal: cyruslog.Watcher | None = None
+        self.unit = cyruslog.own_unit()
+        self.sync_failures = 0                 # failed sync log writes seen in this run
+        self._failure_logged: dict[str, float] = {}
+        self._full: set[str] = set()           # sync file systems seen full (one marker per episode)
+        self._space_due = self._space_checked = 0.0
 
     # -- helpers
     @property
@@ -195,11 +221,115 @@ class Supervisor:
 
     def _on_sync_change(self) -> None:
         changed = self.watch.read()
+        if changed and time.monotonic() - self._space_checked >= self.options.status_interval:
+            self.check_space()  # Cyrus is writing: look at the room left (at most every status interval)
         if changed:
             # coalesce: Cyrus appends once per message, STATUS needs no more than a few per second
             due = self._last_status + self.options.status_interval
             if self._status_due is None:
                 self._status_due = due
+
+    # -- lost events: the journal and the sync file systems
+    def _open_journal(self) -> None:
+        invocation = cyruslog.invocation_id()
+        if not cyruslog.available() or invocation is None:
+            log.warning("no journal to read (not started by systemd): failed sync log writes are "
+                        "detected only as a full or read-only sync file system, and by the drain")
+            return
+        self.journal = cyruslog.Watcher(invocation, self.unit)
+
+    def check_journal(self, sync: bool = False) -> None:
+        """What Cyrus (or journald) said since the last look; `sync` first flushes journald."""
+        if self.journal is None:
+            return
+        entries = self.journal.poll(sync=sync)
+        if entries is None:
+            log.warning("could not read the journal: a failed sync log write would be seen only as a "
+                        "full or read-only sync file system, and by the drain")
+            return
+        self._judge_entries(entries)
+
+    def _judge_entries(self, entries: list[cyruslog.Entry]) -> None:
+        failed = [e for e in entries if e.sync_log_failure]
+        dropped = sum(e.suppressed(self.unit) for e in entries) if self.unit else 0
+        if failed:
+            self._sync_log_failed(len(failed), f"Cyrus reported a failed sync log write: {failed[-1]}",
+                                  {"first": str(failed[0]), "last": str(failed[-1]), "lines": len(failed)})
+        if dropped:
+            self._sync_log_failed(0, f"journald suppressed {dropped} messages of {self.unit}: a failed sync "
+                                     "log write may have been among them", {"suppressed": dropped},
+                                  kind="dropped")
+
+    def _sync_log_failed(self, lines: int, reason: str, evidence: dict, kind: str = "journal") -> None:
+        """Record a (possible) lost replication event: marker, STATUS, and the journal -- at once for
+        the first of each kind (Cyrus's own report, a full file system, journald's drops), then at
+        most once per FAILURE_LOG_INTERVAL."""
+        self.sync_failures += lines
+        try:
+            marker = state.record_sync_log_failure(self.instance, reason, evidence)
+        except OSError as e:  # the state directory may sit on the full file system itself
+            marker = None
+            log.error("could not record the sync-log-failure marker (%s): reconcile with sync_client -A", e)
+        if "synclog" not in self.notes:
+            self._failing_since = time.strftime("%H:%M:%S")
+        seen = f"{self.sync_failures} failed writes reported by Cyrus" if self.sync_failures else reason.split(" (")[0]
+        self.notes["synclog"] = (f"SYNC LOG WRITE FAILED since {self._failing_since} ({seen}): events missing, "
+                                 "reconcile needed")
+        now = time.monotonic()
+        if now - self._failure_logged.get(kind, -FAILURE_LOG_INTERVAL) >= FAILURE_LOG_INTERVAL:
+            self._failure_logged[kind] = now
+            consequence = (f"mail was acknowledged without a replication event ({self.sync_failures} failed "
+                           "writes so far)" if kind == "journal" else "replication events may be lost")
+            log.error("%s; %s: marked for a reconcile in %s (sync_client -A; the drain refuses a clean "
+                      "result until then)", reason, consequence, marker)
+        self._status_due = time.monotonic()
+
+    def check_space(self) -> None:
+        """statvfs of each sync file system: a STATUS warning below --space-warn percent free, and a
+        failure while master runs once nothing is left (Cyrus's next append fails)."""
+        self._space_checked = time.monotonic()
+        self._space_due = self._space_checked + SPACE_CHECK_INTERVAL
+        low, seen = [], set()
+        for channel in self.instance.channels:
+            room = synclog.room(channel.sync_dir)
+            if room is None or channel.sync_dir in seen:
+                continue
+            seen.add(channel.sync_dir)
+            key = str(channel.label)
+            if room.full:
+                if key not in self._full and self.master is not None and self.master_exit() is None:
+                    self._full.add(key)
+                    self._sync_log_failed(0, f"sync file system full while Cyrus runs ({room.describe()}): "
+                                             "its next sync log append fails", {"room": room.describe()},
+                                          kind="space")
+                low.append(f"{channel.label} FULL")
+            else:
+                self._full.discard(key)
+                if room.percent_free < self.options.space_warn:
+                    low.append(f"{channel.label} {room.percent_free:.0f}% free")
+        text = ("sync file system low: " + ", ".join(low)) if low else None
+        if text != self.notes.get("space"):
+            if text:
+                self.notes["space"] = text
+                log.warning("%s (warning below %g%%)", text, self.options.space_warn)
+            else:
+                self.notes.pop("space", None)
+            self._status_due = time.monotonic()
+
+    def final_journal_check(self) -> None:
+        """After master is gone: what its children logged during the stop."""
+        self.check_journal(sync=True)
+
+    def report_orphans(self) -> None:
+        orphans = synclog.orphaned_channels(self.instance)
+        if not orphans:
+            self.notes.pop("orphans", None)
+            return
+        what = " ".join(f"{o.label}={o.lines}" for o in orphans)
+        self.notes["orphans"] = f"orphaned sync log channels (not in sync_log_channels): {what}"
+        log.error("sync log events of channels that sync_log_channels no longer names, nothing replays "
+                  "them: %s (%s); add the channel back and drain, or remove the directory if that "
+                  "replica is gone", what, ", ".join(str(o.sync_dir) for o in orphans))
 
     # -- start
     def preflight(self) -> Path:
@@ -247,22 +377,24 @@ class Supervisor:
 
     # -- after READY
     def start_background_work(self) -> None:
-        marker = state.unclean_stop(self.instance)
-        if marker is not None:
-            when = marker.get("time", "?")
+        markers = state.reconcile_markers(self.instance)
+        if markers:
+            described = "; ".join(state.describe_marker(n, m) for n, m in sorted(markers.items()))
+            what = ", ".join(f"{'unclean stop' if n == state.UNCLEAN_STOP else 'sync log write failed'} "
+                             f"{m.get('time', '?')}" for n, m in sorted(markers.items()))
             if self.instance.is_replica:
                 # sync_client -A here would push the replica's state over its primary's
-                self.notes["unclean"] = f"unclean stop {when}: reconciled from the primary, not from here"
+                self.notes["unclean"] = f"{what}: reconciled from the primary, not from here"
                 log.warning("%s; this instance is a replica: the primary's reconcile (or a switchover "
-                            "proof) covers it, a replica never pushes", state.describe_unclean(marker))
+                            "proof) covers it, a replica never pushes", described)
             elif self.options.reconcile == "auto":
                 self.start_reconcile()
             elif self.options.reconcile == "recommend":
-                self.notes["unclean"] = (f"unclean stop {when}: reconcile with sync_client -A "
-                                         "(or run with --reconcile=auto)")
+                self.notes["unclean"] = f"{what}: reconcile with sync_client -A (or run with --reconcile=auto)"
                 log.warning("%s: replication events may be missing that no log replay recovers; cleared "
-                            "by %s (here: `sync_client -C %s -A` per channel)", state.describe_unclean(marker),
+                            "by %s (here: `sync_client -C %s -A` per channel)", described,
                             state.UNCLEAN_CLEARED_BY, self.instance.imapd.path)
+        self.report_orphans()
         self.check_leftovers()
 
     def start_reconcile(self) -> None:
@@ -274,11 +406,11 @@ class Supervisor:
                 cmd += ["-n", ch.name]
             commands.append(cmd + ["-A"])
         if not commands:
-            self.notes["unclean"] = "unclean stop recorded; no channel with sync_host to reconcile"
+            self.notes["unclean"] = "reconcile needed; no channel with sync_host to reconcile"
             return
         job = Job("reconcile", commands, self.options.reconcile_timeout, self.loop)
         self.jobs["reconcile"] = job
-        self.notes["unclean"] = "reconcile (sync_client -A) running after an unclean stop"
+        self.notes["unclean"] = "reconcile (sync_client -A) running: events may be missing"
         job.start()
 
     def snapshot_leftovers(self) -> None:
@@ -314,16 +446,22 @@ class Supervisor:
     def _job_finished(self, name: str, job: Job) -> None:
         codes = [code for _, code in job.results]
         if name == "reconcile":
-            if job.succeeded:
-                marker = state.unclean_stop(self.instance)
-                state.clear_unclean_stop(self.instance, by="reconcile at start: sync_client -A succeeded "
-                                                          f"on every channel ({len(job.commands)})")
+            if job.succeeded and self.sync_failures == 0:
+                markers = state.reconcile_markers(self.instance)
+                state.clear_reconcile_markers(self.instance, by="reconcile at start: sync_client -A succeeded "
+                                                                f"on every channel ({len(job.commands)})")
                 self.notes.pop("unclean", None)
-                log.info("reconcile finished: every channel re-synced, unclean-stop marker cleared (%s)",
-                         state.describe_unclean(marker) if marker else "already gone")
+                names = " and ".join(n.replace(".json", "") + " marker" for n in sorted(markers, reverse=True))
+                log.info("reconcile finished: every channel re-synced, %s cleared (%s)", names or "no marker",
+                         "; ".join(state.describe_marker(n, m) for n, m in sorted(markers.items()))
+                         or "already gone")
+            elif job.succeeded:
+                self.notes["unclean"] = "reconcile done, but sync log writes failed meanwhile: marker kept"
+                log.error("reconcile finished, but Cyrus failed to write sync log lines meanwhile: the "
+                          "marker stays")
             else:
-                self.notes["unclean"] = f"reconcile after unclean stop FAILED (exit {codes}): marker kept"
-                log.error("reconcile failed (exit codes %s); the unclean-stop marker stays", codes)
+                self.notes["unclean"] = f"reconcile FAILED (exit {codes}): marker kept"
+                log.error("reconcile failed (exit codes %s); the reconcile marker stays", codes)
         elif name == "drain":
             if job.succeeded:
                 self.notes.pop("leftover", None)
@@ -344,12 +482,16 @@ class Supervisor:
                     self._job_finished(name, job)
                     self._status_due = time.monotonic()
             now = time.monotonic()
+            if now >= self._space_due:
+                self.check_space()
+                self.check_journal()
             if self._status_due is not None and now >= self._status_due:
                 self._refresh_backlog()
                 self.send_status()
-            timeout = None if self._status_due is None else self._status_due - now
-            # An hourly look at master covers a lost SIGCHLD; nothing else wakes us without cause.
-            signums = self.loop.poll(3600.0 if timeout is None else timeout)
+            # The one timer: a disk filled by someone else shows no sync log event, and Cyrus's
+            # failed writes are only in the journal. A lost SIGCHLD is covered by the same wake-ups.
+            due = self._space_due if self._status_due is None else min(self._space_due, self._status_due)
+            signums = self.loop.poll(max(0.0, due - time.monotonic()))
             for signum in signums:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     return "stop", signum
@@ -487,12 +629,14 @@ class Supervisor:
         self.loop.handle_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         try:
             self._open_watch(use_ready_file)
+            self._open_journal()
             self.start_master(master)
             outcome = self.wait_ready(use_ready_file)
             if outcome == "ready":
                 self.notes.pop("start", None)
                 self._refresh_backlog()
                 log.info("Cyrus serves (master %d): %s", self.master_pid, self._backlog_text)
+                self.check_space()
                 self.notifier.ready(self.status_text())
                 self._last_status_text = self.status_text()
                 self.start_background_work()
@@ -516,6 +660,9 @@ class Supervisor:
                 if outcome == "timeout" and code == exitcodes.OK:
                     code = exitcodes.FAILURE
             self.master.wait()
+            self.final_journal_check()
+            if self.sync_failures:
+                result["sync_log_failures"] = self.sync_failures
             if fence.remove_fence(self.instance):
                 log.info("fence removed: nothing of this instance runs any more")
             state.record_last_stop(self.instance, {"instance": self.instance.name, **result})
@@ -570,6 +717,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "report them in STATUS (default auto)")
     parser.add_argument("--drain-timeout", type=arguments.seconds, default=d.drain_timeout, metavar="SECONDS",
                         help=f"deadline for that background drain (default {d.drain_timeout:g})")
+    parser.add_argument("--space-warn", type=arguments.percent, default=d.space_warn, metavar="PERCENT",
+                        help="warn in STATUS and the journal when a sync file system has less than this "
+                             "much space (or inodes) left for the cyrus user; when nothing is left while "
+                             "Cyrus runs, the instance is marked for a reconcile "
+                             f"(default {d.space_warn:g})")
     parser.add_argument("--role", choices=role.ROLES,
                         help="a switchable instance: start only in this role; refused when its recorded "
                              "role differs (split-brain guard, exit 77)")
@@ -600,7 +752,8 @@ def main(args: argparse.Namespace) -> int:
                       master_alone_grace=args.master_alone_grace,
                       status_interval=args.status_interval, reconcile=args.reconcile,
                       reconcile_timeout=args.reconcile_timeout,
-                      leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout)
+                      leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout,
+                      space_warn=args.space_warn)
     try:
         return Supervisor(instance, options).run()
     except StartRefused as e:

@@ -169,6 +169,7 @@ def cyrus_pair(cyrus_pair_factory) -> CyrusPair:
 # ---- throwaway systemd container (helper B) ----
 
 from testbed.container import SystemdContainer, unavailable_reason  # noqa: E402
+from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 
 def require_container_host() -> None:
@@ -206,15 +207,14 @@ def systemd_container(tmp_path):
 
 # ---- the pair under cyrushelper's units in a throwaway systemd (testbed.scenario) ----
 
-from testbed.scenario import LabSystem, new_workdir  # noqa: E402
-
 PRIMARY = "cyrus@primary.service"
 REPLICA = "cyrus@replica.service"
 
 
 @pytest.fixture
 def lab_factory(request):
-    """make(rolling=True, ...) -> a LabSystem (pair created) in a freshly booted container."""
+    """make(rolling=True, ...) -> a LabSystem (pair created) in a freshly booted container
+    (testbed.scenario: the pair run by systemd units, the end-to-end tests' test bed)."""
     require_root_and_cyrus()
     require_container_host()
     made = []

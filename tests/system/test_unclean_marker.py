@@ -3,7 +3,8 @@ reconcile, under a real systemd with real Cyrus (one container boot for the whol
 
 - `systemctl kill --kill-whom=main --signal=SIGKILL` kills the helper, and systemd (252, measured)
   then SIGKILLs master and every child at once, skipping ExecStop: a marker, with the evidence;
-- a clean stop afterwards keeps the marker and says so at the next start;
+- a clean stop afterwards keeps the marker and says so at the next start; its drain replays the
+  log but refuses the all-clear while the marker is there (issue 10: exit 66, unit failed);
 - `systemctl kill --signal=SIGKILL` (everything) makes the marker hold the latest event (2 counted);
 - a start with `--reconcile=auto` clears it, and status says by what.
 Each step's `status --json` and start log are printed (pytest -s shows them).
@@ -15,6 +16,7 @@ import json
 
 import pytest
 
+from cyrushelper import exitcodes
 from tests.conftest import PRIMARY, REPLICA
 
 pytestmark = pytest.mark.system
@@ -65,8 +67,11 @@ def test_unclean_marker_tells_the_truth_through_kill_stop_kill_reconcile(lab_fac
     assert f"unclean stop at {first['time']}" in log and "cleared by" in log, log
     assert st["exit_code"] == 1
 
-    # 2. a clean stop and start: the marker stays and the start log says a later stop followed
-    assert lab.stop(PRIMARY).result == "success"
+    # 2. a clean stop and start: the marker stays and the start log says a later stop followed;
+    # the stop's drain replays every line but gives no all-clear while the marker is there
+    stop = lab.stop(PRIMARY)
+    assert (stop.result, stop.total_left) == ("exit-code", 0), stop
+    assert lab.state_file("last-drain.json")["exit_code"] == exitcodes.RECONCILE_NEEDED
     lab.start(PRIMARY)
     st = _status(lab)
     log = _new_journal(lab, seen)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cyrushelper import exitcodes
+from cyrushelper import config, exitcodes
 from cyrushelper.config import (ConfigError, Instance, parse_cyrus_conf, parse_imapd_conf, parse_listen,
                                 parse_switch)
 from cyrushelper import channels
@@ -304,7 +304,52 @@ def test_unreadable_file(tmp_path):
     e = refusal(parse_imapd_conf, tmp_path / "missing.conf")
     assert str(e) == f"{tmp_path / 'missing.conf'}: cannot read {tmp_path / 'missing.conf'}: No such file or directory"
     e = refusal(parse_cyrus_conf, tmp_path)
-    assert e.line is None and "cannot read" in e.message
+    assert e.line is None and e.message == f"{tmp_path} is a directory, not a regular file"
+
+
+# Issue 10: reading a configuration never hangs, never runs out of stack or memory; every refusal
+# names the file (and the @include line that led to it).
+
+def test_fifo_config_is_refused_without_waiting_for_a_writer(tmp_path):
+    """Through the command line, in a child with a timeout: a regression must fail, not hang CI."""
+    fifo = tmp_path / "fifo.conf"
+    os.mkfifo(fifo)
+    imapd = write(tmp_path / "imapd.conf", "configdirectory: /var/lib/cyrus\n")
+    outer = write(tmp_path / "outer.conf", f"configdirectory: /var/lib/cyrus\n@include: {fifo}\n")
+    for args, where in (([fifo, imapd], f"{fifo}"), ([imapd, fifo], f"{fifo}"), ([outer, imapd], f"{outer}:2")):
+        r = subprocess.run([sys.executable, "-m", "cyrushelper", "drain", "--imapd-conf", str(args[0]),
+                            "--cyrus-conf", str(args[1])], capture_output=True, text=True, timeout=30)
+        # before: blocked in open() forever, waiting for a writer
+        assert r.returncode == exitcodes.CONFIG and r.stderr.count("\n") == 1, r.stderr
+        assert f"{where}: {fifo} is a FIFO, not a regular file" in r.stderr
+
+
+def test_include_of_a_device_is_refused(tmp_path):
+    conf = write(tmp_path / "imapd.conf", "configdirectory: /var/lib/cyrus\n@include: /dev/zero\n")
+    e = refusal(parse_imapd_conf, conf)  # before: MemoryError after reading /dev/zero
+    assert str(e) == f"{conf}:2: /dev/zero is a character device, not a regular file"
+
+
+def test_oversized_config_is_refused(tmp_path):
+    big = tmp_path / "imapd.conf"
+    with open(big, "w") as f:
+        f.write("configdirectory: /var/lib/cyrus\n")
+        f.write("# padding\n" * (config.MAX_CONFIG_BYTES // 10 + 1))
+    assert "larger than 4 MiB" in refusal(parse_imapd_conf, big).message
+
+
+def test_include_chain_deeper_than_the_limit_is_refused_at_its_line(tmp_path):
+    depth = config.MAX_INCLUDE_DEPTH
+    for i in range(depth + 1):
+        write(tmp_path / f"inc{i}.conf", f"@include: {tmp_path}/inc{i + 1}.conf\n")
+    write(tmp_path / f"inc{depth + 1}.conf", "sievedir: /var/spool/sieve\n")
+    top = write(tmp_path / "imapd.conf", f"configdirectory: /var/lib/cyrus\n@include: {tmp_path}/inc0.conf\n")
+    e = refusal(parse_imapd_conf, top)  # before: RecursionError at 600 levels
+    assert (e.path, e.line) == (str(tmp_path / f"inc{depth - 1}.conf"), 1)
+    assert f"nested more than {depth} files deep" in e.message
+    # exactly at the limit it is read
+    write(tmp_path / f"inc{depth - 1}.conf", "sievedir: /var/spool/sieve\n")
+    assert parse_imapd_conf(top).get("sievedir") == "/var/spool/sieve"
 
 
 # --------------------------------------------------------------------------- channels and derived paths

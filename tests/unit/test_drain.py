@@ -52,6 +52,8 @@ sync_dir = os.path.join(confdir, "sync", chan) if chan else os.path.join(confdir
 with open(os.path.join(confdir, "fake-calls.log"), "a") as f:
     f.write(" ".join(sys.argv[1:]) + " notify=%s pid=%d\n" % ("NOTIFY_SOCKET" in os.environ, os.getpid()))
 mode = os.environ.get("FAKE_SYNC_MODE_" + label) or os.environ.get("FAKE_SYNC_MODE", "ok")
+if "-A" in opts:              # a reconcile: "all users" re-synced, or failed (exit 1, like Cyrus)
+    sys.exit(1 if mode == "reconcile-fails" else 0)
 if "-1" not in opts:          # a "rolling" client, used to test detection: just stay alive
     time.sleep(60); sys.exit(0)
 if mode == "down":
@@ -551,9 +553,11 @@ def test_cli_from_systemd_logs_service_result_and_notifies(fake, tmp_path):
                 break
     finally:
         sock.close()
-    assert r.returncode == 0, r.stderr
+    # the logs are replayed, but a killed unit may have lost events no replay recovers: no all-clear
+    assert r.returncode == exitcodes.RECONCILE_NEEDED, r.stderr
     assert "SERVICE_RESULT=timeout EXIT_CODE=killed EXIT_STATUS=KILL" in r.stderr
     assert "did not stop cleanly" in r.stderr
+    assert "not a clean drain until a reconcile succeeds" in r.stderr
     assert any("EXTEND_TIMEOUT_USEC=" in m for m in messages)
     assert any("STATUS=drain: default=3 lines left" in m for m in messages)
     assert all("notify=False" in c for c in fake.calls()), "NOTIFY_SOCKET leaked to sync_client"
@@ -722,3 +726,110 @@ def test_stuck_channel_thread_stops_pulses_and_drain_returns(tmp_path, monkeypat
     assert report.exit_code == exitcodes.FAILURE
     # no pulse after the overdue point (deadline 0.5 + 3*0.1 + 0.5), except the final status
     assert all(t < 0.5 + 0.3 + 0.5 + 0.6 for t in calls[:-1]), calls
+
+
+# --------------------------------------------------------------------------- issue 10: no false all-clear
+
+def test_a_log_that_is_not_a_regular_file_is_damaged_and_untouched(fake, tmp_path):
+    """A FIFO `log` used to hang the drain past its deadline, a directory gave a traceback."""
+    fake.write("log-run", events("a", 2))
+    os.mkfifo(fake.sync_dir() / "log")
+    r = _cli(fake, "--json", "--deadline", "5", timeout=30)
+    assert r.returncode == exitcodes.RECONCILE_NEEDED, r.stderr
+    assert "Traceback" not in r.stderr
+    [line] = [l for l in r.stderr.splitlines() if "channel default" in l]
+    assert "log is a FIFO, not a regular file" in line and "2 lines kept" in line
+    assert fake.calls() == [] and fake.snapshot() == {"log-run": b"".join(e.encode() + b"\n" for e in events("a", 2))}
+    assert state.sync_log_failure(fake.instance())["events"] == 1
+    os.unlink(fake.sync_dir() / "log")
+    (fake.sync_dir() / "log").mkdir()
+    r = _cli(fake, "--json", timeout=30)
+    assert r.returncode == exitcodes.RECONCILE_NEEDED and "log is a directory" in r.stderr
+
+
+def test_a_cut_off_last_line_is_kept_aside_marked_and_refuses_a_clean_result(fake):
+    good = fake.write("log", events("a", 3))
+    with open(fake.sync_dir() / "log", "ab") as f:
+        f.write(b"MAILBOX user")  # what a write cut short by a full disk leaves behind
+    report = fake.drain()
+    [ch] = report.channels
+    assert report.exit_code == exitcodes.RECONCILE_NEEDED and ch.result == "damaged"
+    assert fake.snapshot() == {}  # the good lines were replayed (the fake replays bytes as they are)
+    assert fake.replica().startswith(good)
+    assert ch.damage == [f"{fake.sync_dir() / 'log'}:4: cut off (no newline at the end of the file): 'MAILBOX user'"]
+    [kept] = ch.kept
+    assert Path(kept).read_bytes() == good + b"MAILBOX user"
+    marker = state.sync_log_failure(fake.instance())
+    assert marker["evidence"]["channels"]["default"]["damage"] == ch.damage
+    # the next drain has nothing to replay, but the marker still refuses a clean result ...
+    again = fake.drain()
+    assert again.exit_code == exitcodes.RECONCILE_NEEDED and again.result == "reconcile_needed"
+    # ... until a reconcile succeeds: then exit 0 and the marker is gone (recorded as cleared)
+    fixed = fake.drain(reconcile="auto")
+    assert fixed.exit_code == exitcodes.OK, fixed.reconcile
+    assert state.reconcile_markers(fake.instance()) == {}
+    assert "drain --reconcile=auto" in state.last_reconcile(fake.instance())["by"]
+    assert any(c.endswith(" -A notify=False pid=" + c.rsplit("pid=", 1)[1]) for c in fake.calls())
+
+
+def test_a_failed_reconcile_keeps_the_marker(fake, monkeypatch):
+    state.record_sync_log_failure(fake.instance(), "test: Cyrus could not write a line")
+    monkeypatch.setenv("FAKE_SYNC_MODE", "reconcile-fails")
+    report = fake.drain(reconcile="auto")
+    assert report.exit_code == exitcodes.RECONCILE_NEEDED
+    assert report.reconcile["failed"] == {"default": "exit 1: no output; see syslog for sync_client[%s]"
+                                          % report.reconcile["failed"]["default"].split("[")[1].split("]")[0]}
+    assert state.sync_log_failure(fake.instance()) is not None
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b"MAILAPPEND user.bob", "unknown event type 'MAILAPPEND'"),  # a fragment merged with the next line
+    (b"SEEN alice", "SEEN with 1 names"),
+    (b"USER alice bob", "USER with 2 names"),
+    (b'MAILBOX "user.a b', "malformed name"),
+    (b"APPEND", "no argument"),
+])
+def test_lines_cyrus_would_drop_are_named(fake, line, reason):
+    fake.write("log", events("a", 1))
+    with open(fake.sync_dir() / "log", "ab") as f:
+        f.write(line + b"\nAPPEND user.b\n")
+    report = fake.drain()
+    assert report.channels[0].damage[0].endswith(f"log:2: {reason}: {line.decode()!r}")
+
+
+def test_an_orphaned_channel_with_events_is_not_success(tmp_path, monkeypatch):
+    """repl2 was removed from sync_log_channels with 128 lines pending: no longer exit 0 in silence."""
+    monkeypatch.delenv("FAKE_SYNC_MODE", raising=False)
+    fake = FakeCyrus(tmp_path, channels='""')
+    orphan = fake.write("log", events("r", 128), channel="repl2")
+    fake.write("log", events("a", 2))
+    report = fake.drain()
+    assert report.exit_code == exitcodes.CONFIG
+    by = {c.channel: c for c in report.channels}
+    assert by["default"].result == "drained" and by["repl2"].result == "orphaned"
+    assert by["repl2"].lines_after == 128 and "sync_log_channels" in by["repl2"].message
+    assert fake.snapshot("repl2") == {"log": orphan}
+    # draining a chosen channel does not look for orphans
+    assert fake.drain(channels=["default"]).exit_code == exitcodes.OK
+
+
+def test_a_drain_that_waited_for_another_counts_only_its_own_lines(fake, capsys):
+    """The first drain replays everything while the second waits for the lock: the second must not
+    report those lines as drained too (it said "drained 10008 lines" after 0 runs)."""
+    fake.write("log", events("a", 40))
+    lock = ChannelLock(channel_lock_path(fake.confdir, None))
+    lock.acquire()
+    results = {}
+    second = threading.Thread(target=lambda: results.setdefault("r", fake.drain(lock_wait=20)))
+    second.start()
+    for _ in range(200):  # the second drain counted its lines and now waits for the lock
+        if second.is_alive() and not fake.calls():
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)
+    # the "first drainer" replays everything, then lets go
+    os.rename(fake.sync_dir() / "log", fake.confdir / "replayed-elsewhere")
+    lock.release()
+    second.join(30)
+    [ch] = results["r"].channels
+    assert (ch.result, ch.runs, ch.lines_before) == ("drained", 0, 0)

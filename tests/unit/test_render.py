@@ -34,7 +34,7 @@ def make_instance(tmp_path: Path, name: str, port: int, extra: str = "", cyrus_e
     imapd = base / "imapd.conf"
     imapd.write_text(f"configdirectory: {base}/conf\npartition-default: {base}/spool\n"
                      f"proc_path: /run/cyrus-{name}/proc\nlmtpsocket: /run/cyrus-{name}/socket/lmtp\n"
-                     f"sync_log: yes\n{extra}")
+                     f"sync_log: yes\nsync_host: replica.example\n{extra}")
     cyrus = base / "cyrus.conf"
     cyrus.write_text("SERVICES {\n"
                      f'  imap cmd="imapd -C {imapd}" listen="127.0.0.1:{port}"\n'
@@ -139,9 +139,9 @@ def test_default_helper_is_the_installed_one_made_absolute(monkeypatch):
 # --------------------------------------------------------------------------- errors, nothing written
 
 @pytest.mark.parametrize("extra, where", [
-    ("sync_batchsize: many\n", "imapd.conf:6"),               # Cyrus refuses the value
-    ("partition-other: /srv/mail spool\n", "imapd.conf:6"),   # systemd would split it
-    ("sievedir: relative/dir\n", "imapd.conf:6"),             # the unit runs in /
+    ("sync_batchsize: many\n", "imapd.conf:7"),               # Cyrus refuses the value
+    ("partition-other: /srv/mail spool\n", "imapd.conf:7"),   # systemd would split it
+    ("sievedir: relative/dir\n", "imapd.conf:7"),             # the unit runs in /
 ])
 def test_config_error_exits_78_with_file_line_and_writes_nothing(tmp_path, capsys, extra, where):
     imapd, cyrus = make_instance(tmp_path, "x", 11143, extra=extra)
@@ -293,3 +293,165 @@ systemd-analyze verify --man=no --generators=no --root=$L/m ./cyrus@default.serv
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out
+
+
+# --------------------------------------------------------------------------- issue 10: all or nothing
+
+def _base(tmp_path: Path, out: Path, extra: str = "") -> list[str]:
+    """Arguments for instance x under tmp_path (made on first use) writing into `out`."""
+    imapd, cyrus = tmp_path / "x" / "imapd.conf", tmp_path / "x" / "cyrus.conf"
+    if not imapd.exists():
+        make_instance(tmp_path, "x", 11143, extra=extra)
+    return ["-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--output", str(out), "--helper", "/h"]
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Like tree(), with directories, modes and hidden entries: 'nothing changed' means this."""
+    result = {}
+    for path in sorted(directory.rglob("*")):
+        rel = str(path.relative_to(directory))
+        st = path.lstat()
+        if path.is_symlink():
+            result[rel] = "-> " + os.readlink(path)
+        elif path.is_dir():
+            result[rel] = f"dir {st.st_mode & 0o7777:o}"
+        else:
+            result[rel] = f"{st.st_mode & 0o7777:o} " + path.read_text()
+    return result
+
+
+def test_output_that_can_never_work_is_refused_before_rendering(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where an empty --output used to write (and would, if this regressed)
+    dangling = tmp_path / "dangling"
+    os.symlink(tmp_path / "nowhere" / "deeper", dangling)
+    assert generate(*_base(tmp_path, dangling)) == exitcodes.CONFIG
+    assert "is a symlink to" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert generate(*_base(tmp_path / "b", a_file)) == exitcodes.CONFIG
+    assert "exists and is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # before: "" wrote the units into the working directory
+        generate(*_base(tmp_path / "c", Path("")) [:-2], "--output", "")
+    assert e.value.code == exitcodes.USAGE and "--output/-o: must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blocker", ["cyrus.service.wants", "cyrus@x.service.d"])
+def test_a_file_where_a_directory_must_be_is_a_conflict(tmp_path, capsys, blocker):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / blocker).write_text("not ours\n")
+    before = snapshot(out)
+    assert generate(*_base(tmp_path, out)) == exitcodes.FAILURE  # before: 2-3 files, then a traceback
+    err = capsys.readouterr().err
+    assert f"{out / blocker}: exists and is not a directory" in err and "Traceback" not in err
+    assert snapshot(out) == before
+    assert generate(*_base(tmp_path, out), "--force") == 0
+    assert set(tree(out)) == {"cyrus@.service", "cyrus.service", "cyrus@x.service.d/cyrushelper.conf",
+                              "cyrus.service.wants/cyrus@x.service"}
+
+
+@pytest.mark.parametrize("failing_call", [1, 3, 5, 6])
+def test_a_failure_while_swapping_undoes_every_step(tmp_path, capsys, monkeypatch, failing_call):
+    """ENOSPC (or anything) on the Nth rename of the swap: the previous output stays byte for byte."""
+    out = tmp_path / "out"
+    assert generate(*_base(tmp_path, out)) == 0
+    os.unlink(out / "cyrus.service")
+    os.unlink(out / "cyrus.service.wants/cyrus@x.service")
+    before = snapshot(out)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == failing_call:
+            raise OSError(28, "No space left on device", str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    # a new helper and a replica change two files (each: old aside, new in), two are created:
+    # six renames
+    changed = [*_base(tmp_path, out)[:-1], "/new/helper", "--replica-instance", "r"]
+    assert generate(*changed) == exitcodes.IO_ERROR
+    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    assert len(calls) > failing_call or failing_call == 1  # the failing rename, then the undo
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "nothing written, the previous output is intact" in err
+    assert "Traceback" not in err
+    assert snapshot(out) == before  # no staging directory left either
+    assert generate(*changed) == 0 and len(tree(out)) == 4
+
+
+def test_a_failure_while_staging_touches_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "unrelated.service").write_text("[Unit]\n")
+    before = snapshot(out)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(atomic.os, "fsync", no_space)
+    assert generate(*_base(tmp_path, out)) == exitcodes.IO_ERROR
+    assert snapshot(out) == before
+    # and an output directory it had to create is removed again
+    assert generate(*_base(tmp_path, tmp_path / "new" / "out")) == exitcodes.IO_ERROR
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_staging_directory_left_by_a_killed_generate_is_removed(tmp_path):
+    out = tmp_path / "out"
+    stale = out / f"{atomic.STAGING_PREFIX}999999999.abc"
+    (stale / "new").mkdir(parents=True)
+    assert generate(*_base(tmp_path, out)) == 0
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("line", ["configdirectory: /", "sievedir: /etc", "proc_path: /usr/"])
+def test_a_whole_system_directory_as_writable_path_is_refused(tmp_path, capsys, line):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    text = imapd.read_text()
+    key = line.split(":")[0]
+    text = "\n".join(ln for ln in text.splitlines() if not ln.startswith(key + ":"))
+    imapd.write_text(text + f"\n{line}\n")
+    out = tmp_path / "out"
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--output", str(out),
+                    "--helper", "/h") == exitcodes.CONFIG  # before: ReadWritePaths=/ accepted
+    err = capsys.readouterr().err
+    assert f"imapd.conf:{len(text.splitlines()) + 1}: {key} is " in err and "ProtectSystem=strict" in err
+    assert not out.exists()
+
+
+def test_a_path_component_systemd_would_ignore_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate(*_base(tmp_path, out, extra=f"partition-big: /srv/{'a' * 256}\n")) == exitcodes.CONFIG
+    assert "256 bytes long: systemd ignores paths with a component over 255 bytes" in capsys.readouterr().err
+    assert generate(*_base(tmp_path / "ok", out, extra=f"partition-big: /srv/{'a' * 255}\n")) == 0
+
+
+def test_a_replication_channel_without_any_host_is_refused(tmp_path, capsys):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    text = imapd.read_text().replace("sync_host: replica.example\n", "")
+    imapd.write_text(text + "sync_log_channels: squatter repl1 repl2\nrepl1_sync_host: r1.example\n")
+    args = ["-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--output", str(tmp_path / "o"),
+            "--helper", "/h"]
+    assert generate(*args) == exitcodes.CONFIG  # before: accepted, exit 78 at the first stop
+    err = capsys.readouterr().err
+    line = len(text.splitlines()) + 1
+    assert f"imapd.conf:{line}: channel 'repl2' has no repl2_sync_host and there is no sync_host" in err
+    assert "squatter" not in err  # squatter's channel is read by squatter, not by sync_client
+    imapd.write_text(text + "sync_log_channels: squatter repl1\nrepl1_sync_host: r1.example\n")
+    assert generate(*args) == 0
+
+
+def test_a_broken_template_is_a_file_line_error(tmp_path, capsys):
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    unit = templates / "cyrus.service.j2"
+    lines = unit.read_text().splitlines()
+    unit.write_text("\n".join(lines[:3] + ["{% if %}"] + lines[3:]) + "\n")
+    out = tmp_path / "out"
+    assert generate(*_base(tmp_path, out), "--templates", str(templates)) == exitcodes.CONFIG
+    err = capsys.readouterr().err
+    assert f"{unit}:4: template error: Expected an expression" in err and "Traceback" not in err
+    unit.write_text("\n".join(lines) + "\n{{ no_such_variable }}\n")
+    assert generate(*_base(tmp_path, out), "--templates", str(templates)) == exitcodes.CONFIG
+    assert "'no_such_variable' is undefined" in capsys.readouterr().err
+    assert not out.exists()

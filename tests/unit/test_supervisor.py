@@ -399,7 +399,7 @@ def test_unclean_marker_auto_reconciles_each_channel_and_clears(short_tmp, notif
 def test_failed_reconcile_keeps_marker(fake, notify, helpers):
     marker = _write_marker(fake)
     h = helpers(fake, notify, extra=["--reconcile", "auto"], FAKE_SYNC_CLIENT_EXIT="1")
-    notify.wait_for("STATUS", predicate=lambda s: "reconcile after unclean stop FAILED" in s)
+    notify.wait_for("STATUS", predicate=lambda s: "reconcile FAILED" in s and "marker kept" in s)
     assert marker.exists()
     h.signal()
     assert h.wait() == 0
