@@ -27,16 +27,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from testbed.container import SystemdContainer  # noqa: E402
+from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 CONTESTANTS = ("cyrushelper", "stock", "replica")
 
 
-def trial(kind: str, warmup: int, slow_sender: bool) -> dict:
+def trial(kind: str, warmup: int, house: Wheelhouse, slow_sender: bool) -> dict:
     workdir = new_workdir(f"bench-{kind}")
     try:
         with SystemdContainer(workdir) as box:
-            lab = LabSystem(box, workdir, rolling=True).create()
+            lab = LabSystem(box, workdir, wheelhouse=house, rolling=True).create()
             lab.install_cyrushelper_units()
             if kind == "stock":
                 unit = lab.install_stock_unit()
@@ -82,9 +83,11 @@ def main() -> int:
     args = parser.parse_args()
     chosen = [k for k in CONTESTANTS if not args.only or k in args.only]
     runs: dict[str, list[dict]] = {k: [] for k in chosen}
+    scratch = new_workdir("bench-wheel")
+    house = build_wheelhouse(scratch / "build")   # the product as users install it
     for i in range(args.trials):
         for kind in chosen if i % 2 == 0 else list(reversed(chosen)):
-            r = trial(kind, args.warmup, args.slow_sender)
+            r = trial(kind, args.warmup, house, args.slow_sender)
             runs[kind].append(r)
             print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s " +
                   " ".join(f"{k}={v}" for k, v in r.items() if k != "seconds"), flush=True)
@@ -110,6 +113,7 @@ def main() -> int:
         ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
         stock = statistics.median(r["seconds"] for r in runs["stock"])
         print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
+    shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

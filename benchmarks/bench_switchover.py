@@ -33,13 +33,15 @@ from cyrushelper.config import Instance  # noqa: E402
 from cyrushelper.switchover import STEPS  # noqa: E402
 from testbed.mail import parse_mbexamine  # noqa: E402
 from testbed.pair import CyrusPair  # noqa: E402
+from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
+from testbed.scenario import new_workdir  # noqa: E402
 from testbed.switchlab import SwitchLabFactory  # noqa: E402
 
 PORT_BASE = int(os.environ.get("CYRUSHELPER_TEST_PORT_BASE", "20000")) + 500
 
 
-def e2e_trial(loaded: bool) -> dict:
-    factory = SwitchLabFactory("bench-switchover")
+def e2e_trial(loaded: bool, house: Wheelhouse) -> dict:
+    factory = SwitchLabFactory("bench-switchover", house)
     try:
         lab = factory.local(PORT_BASE)
         lab.install()
@@ -80,10 +82,12 @@ def median(values) -> float:
 
 
 def e2e(trials: int) -> None:
+    scratch = new_workdir("bench-wheel")
+    house = build_wheelhouse(scratch / "build")   # the product as users install it
     for loaded in (False, True):
         runs = []
         for i in range(trials):
-            r = e2e_trial(loaded)
+            r = e2e_trial(loaded, house)
             runs.append(r)
             print(f"{'load' if loaded else 'idle'} trial {i + 1}: {r['seconds']:.2f}s end to end, bound "
                   f"{r['bound']:.2f}s" + (f", outage {r['outage']:.2f}s, missing {r['missing']} of "
@@ -108,6 +112,7 @@ def e2e(trials: int) -> None:
             print(f"| **end to end** | {total} |")
             print(f"| fence -> new primary READY | {bound} |")
         print()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the proof's cost

@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path, PurePosixPath
 
 import jinja2
@@ -36,11 +37,12 @@ from cyrushelper.config import DEFAULT_IMAPD_CONF, ConfigError, Instance
 
 log = logging.getLogger("cyrushelper.render")
 
-FALLBACK_HELPER = "/usr/bin/cyrushelper"
 HASH_TAG = "# cyrushelper-sha256: "
-# Where the templates live: the source tree's top-level templates/, else the packaged copy.
-TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "templates",
-                 Path("/usr/share/cyrushelper/templates"))
+# The templates are installed as the package cyrushelper.templates (mapped from the source tree's
+# top-level templates/, see setup.cfg), so wheels, editable installs and distribution packages all
+# find them the same way.
+TEMPLATE_PACKAGE = "cyrushelper.templates"
+TEMPLATES = ("cyrus@.service.j2", "cyrus.service.j2", "cyrushelper.conf.j2")
 
 # Instance names end up in unit names and file names: keep them to what needs no escaping.
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -59,6 +61,7 @@ _SYSTEM_DIRS = tuple(PurePosixPath(p) for p in ("/", "/bin", "/boot", "/dev", "/
                                                 "/sbin", "/sys", "/usr", "/var"))
 _VOLATILE_ROOTS = (PurePosixPath("/run"),)
 _HOME_ROOTS = (PurePosixPath("/home"), PurePosixPath("/root"), PurePosixPath("/run/user"))
+_PRIVATE_TMP_ROOTS = (PurePosixPath("/tmp"), PurePosixPath("/var/tmp"))
 
 
 @dataclass(frozen=True)
@@ -77,21 +80,53 @@ class WritablePath:
 
 # --------------------------------------------------------------------------- rendering
 
+def running_helper() -> str | None:
+    """How the units should call the cyrushelper that is running now, or None if it is not run as
+    a program: its console script by absolute path (`V/bin/cyrushelper`, also when V/bin is not on
+    PATH), or `PYTHON -m cyrushelper`. Paths are made absolute, not resolved: a venv's python is a
+    symlink to the base interpreter and only the venv's own path runs the venv."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == "cyrushelper.__main__":
+        return f"{os.path.abspath(sys.executable)} -m cyrushelper"
+    script = getattr(main, "__file__", None)
+    entry = getattr(main, "main", None)   # a console script: `from cyrushelper.cli import main`
+    if script and spec is None and getattr(entry, "__module__", None) == "cyrushelper.cli" \
+            and getattr(entry, "__name__", None) == "main":
+        return os.path.abspath(script)
+    return None
+
+
 def default_helper() -> str:
-    found = shutil.which("cyrushelper")
-    return os.path.abspath(found) if found else FALLBACK_HELPER
+    found = running_helper()
+    if found is None:
+        raise ConfigError("--helper", None, "cannot tell which cyrushelper program is running (not the "
+                                            "cyrushelper command nor `python -m cyrushelper`): give --helper PATH")
+    return found
 
 
-def find_templates(override: str | None = None) -> Path:
-    candidates = [Path(override)] if override else list(TEMPLATE_DIRS)
-    for candidate in candidates:
-        if (candidate / "cyrus@.service.j2").is_file():
-            return candidate
-    raise ConfigError(candidates[0], None, "no templates found (cyrus@.service.j2 missing)")
+def load_templates(override: str | None = None) -> dict[str, tuple[str, str]]:
+    """name -> (text, file it was read from) of every template: from --templates DIR, else the
+    installed package data."""
+    try:
+        source = Path(override) if override else resources.files(TEMPLATE_PACKAGE)
+    except ModuleNotFoundError:   # e.g. `python -m cyrushelper` in a checkout shadowing the install
+        raise ConfigError(f"package {TEMPLATE_PACKAGE}", None, "not installed: install cyrushelper "
+                          "(pip install .) and run it from outside the source tree, or give --templates DIR") from None
+    texts = {}
+    for name in TEMPLATES:
+        try:
+            texts[name] = (source.joinpath(name).read_text(encoding="utf-8"), str(source.joinpath(name)))
+        except (OSError, UnicodeDecodeError) as e:
+            where = override or f"package {TEMPLATE_PACKAGE}"
+            raise ConfigError(where, None, f"template {name} cannot be read ({e})") from None
+    return texts
 
 
-def _environment(template_dir: Path) -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)),
+def _environment(templates: dict[str, tuple[str, str]]) -> jinja2.Environment:
+    def source(name: str):   # errors then carry the template's file name
+        return (*templates[name], lambda: True) if name in templates else None
+    return jinja2.Environment(loader=jinja2.FunctionLoader(source),
                               undefined=jinja2.StrictUndefined, trim_blocks=True,
                               lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
 
@@ -169,6 +204,35 @@ def writable_paths(inst: Instance) -> list[WritablePath]:
     return result
 
 
+def _interpreter(path: PurePosixPath) -> PurePosixPath | None:
+    """The program a script's #! line names (None for a binary, or a file we cannot read)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return None
+    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
+    return PurePosixPath(words[0]) if words and words[0].startswith("/") else None
+
+
+def helper_command(helper: str | None, home_writable: bool = False) -> str:
+    """The command the Exec*= lines run: --helper (one absolute path), else the running cyrushelper.
+    Refused when the unit's sandbox would hide it (PrivateTmp= hides /tmp, ProtectHome= /home and
+    /root): such a unit fails at its first start with status=203/EXEC."""
+    words = (helper if helper is not None else default_helper()).split(" ")
+    if helper is not None and len(words) > 1:
+        raise ConfigError("--helper", None, f"{helper!r}: expected one absolute path")
+    program = _safe_path(words[0], ("--helper", None))
+    hidden_roots = _PRIVATE_TMP_ROOTS + (() if home_writable else _HOME_ROOTS)
+    for candidate in (program, PurePosixPath(os.path.realpath(program)), _interpreter(program)):
+        if candidate is not None and _under(candidate, hidden_roots):
+            raise ConfigError("--helper", None,
+                              f"{words[0]} runs from {candidate}, which the unit's sandbox hides "
+                              "(PrivateTmp=, ProtectHome=): install cyrushelper elsewhere, e.g. "
+                              "`python3 -m venv /opt/cyrushelper`, or give --helper PATH")
+    return " ".join([str(program), *words[1:]])
+
+
 def _writable(path: str | os.PathLike, where: tuple[str, int | None], option: str | None) -> PurePosixPath:
     """A path for ReadWritePaths=: safe for a unit file, and not a whole system directory."""
     checked = _safe_path(path, where)
@@ -187,16 +251,24 @@ def runtime_dirs(paths: list[WritablePath]) -> list[str]:
             and not _under(w.path, (PurePosixPath("/run/user"),))]
 
 
-def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
+def uses_saslauthd(inst: Instance) -> bool:
+    """Whether any sasl_pwcheck_method (plain or per service, `imap_sasl_pwcheck_method`) names
+    saslauthd: only then is the instance ordered after saslauthd.service (ordering after a unit
+    that is not needed made systemd 257's `verify` lint Debian 13's own saslauthd.service)."""
+    return any(key.endswith("sasl_pwcheck_method") and "saslauthd" in opt.value.split()
+               for key, opt in inst.imapd.options.items())
+
+
+def render(inst: Instance, helper: str | None = None, *, replica_instance: str | None = None,
            unit_imapd_conf: str | None = None, unit_cyrus_conf: str | None = None,
-           template_dir: Path | None = None, initial_role: str | None = None) -> list[RenderedFile]:
-    """Every file of the output, in memory. Raises ConfigError before anything is written."""
+           templates: dict[str, tuple[str, str]] | None = None, initial_role: str | None = None) -> list[RenderedFile]:
+    """Every file of the output, in memory. Raises ConfigError before anything is written.
+    `helper`: the --helper path (None: the running cyrushelper)."""
     name = check_instance_name(inst.name)
     if replica_instance is not None:
         check_instance_name(replica_instance, "--replica-instance")
         if replica_instance == name:
             raise ConfigError("--replica-instance", None, "an instance cannot be its own replica")
-    helper_path = _safe_path(helper, ("--helper", None))
     imapd_conf = _safe_path(unit_imapd_conf or os.path.abspath(inst.imapd.path), ("--imapd-conf", None))
     primary_cyrus = inst.cyrus_by_role.get("primary", inst.cyrus)
     cyrus_conf = _safe_path(unit_cyrus_conf or os.path.abspath(primary_cyrus.path), ("--cyrus-conf", None))
@@ -221,9 +293,12 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
             raise ConfigError(*inst.imapd.where(key), f"{key} {value!r} is not a valid user/group name")
     packaged = str(imapd_conf) == str(DEFAULT_IMAPD_CONF) or (
         unit_imapd_conf is None and os.path.realpath(inst.imapd.path) == os.path.realpath(DEFAULT_IMAPD_CONF))
-    env = _environment(template_dir or find_templates())
+    home_writable = inst.imapd.get_bool("sieveusehomedir") or any(_under(w.path, _HOME_ROOTS) for w in paths)
+    helper_cmd = helper_command(helper, home_writable)
+    templates = templates if templates is not None else load_templates()
+    env = _environment(templates)
     context = {
-        "helper": str(helper_path),
+        "helper": helper_cmd,
         "instance": name,
         "imapd_conf": str(imapd_conf),
         "cyrus_conf": str(cyrus_conf),
@@ -235,15 +310,15 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
         "runtime_dirs": volatile,
         "cyrus_user": cyrus_user,
         "cyrus_owner": f"{cyrus_user}:{cyrus_group or ''}",
-        "home_writable": inst.imapd.get_bool("sieveusehomedir")
-        or any(_under(w.path, _HOME_ROOTS) for w in paths),
+        "home_writable": home_writable,
+        "uses_saslauthd": uses_saslauthd(inst),
     }
 
     def file(relpath: str, template: str) -> RenderedFile:
         try:
             body = env.get_template(template).render(context)
         except jinja2.TemplateError as e:
-            raise _template_error(env, template, e) from None
+            raise _template_error(templates, template, e) from None
         return RenderedFile(relpath, text=header(template, body) + body)
 
     return [
@@ -254,14 +329,14 @@ def render(inst: Instance, helper: str, *, replica_instance: str | None = None,
     ]
 
 
-def _template_error(env: jinja2.Environment, template: str, e: jinja2.TemplateError) -> ConfigError:
+def _template_error(templates: dict[str, tuple[str, str]], template: str, e: jinja2.TemplateError) -> ConfigError:
     """A broken template as file:line (syntax errors carry both; an undefined variable only its
     template, which is the one being rendered unless an include names another)."""
-    directory = Path(env.loader.searchpath[0])
     name = getattr(e, "name", None) or template
     if isinstance(e, jinja2.TemplateNotFound):
-        return ConfigError(directory / name, None, "template missing")
-    return ConfigError(getattr(e, "filename", None) or directory / name, getattr(e, "lineno", None),
+        return ConfigError(name, None, "template missing")
+    return ConfigError(getattr(e, "filename", None) or templates.get(name, templates[template])[1],
+                       getattr(e, "lineno", None),
                        f"template error: {e.message or type(e).__name__}")
 
 
@@ -337,7 +412,7 @@ def check_output(output: Path) -> None:
         raise ConfigError("--output", None, f"{output} exists and is not a directory")
 
 
-def generate(inst: Instance, output: Path, helper: str, *, force: bool = False,
+def generate(inst: Instance, output: Path, helper: str | None = None, *, force: bool = False,
              **render_options) -> list[RenderedFile]:
     """Render, check, then write all files or none. Raises ConfigError, OutputConflict or
     atomic.InstallError (nothing changed unless its undo failed, which it says)."""
@@ -356,8 +431,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--output", "-o", required=True, metavar="DIR", type=arguments.nonempty,
                         help="directory to write the units into (copy its contents to /etc/systemd/system)")
     parser.add_argument("--helper", metavar="PATH",
-                        help="absolute path the units call cyrushelper by "
-                             f"(default: the installed cyrushelper, else {FALLBACK_HELPER})")
+                        help="absolute path the units call cyrushelper by (default: this cyrushelper "
+                             "as it was run: its absolute path, or PYTHON -m cyrushelper)")
     parser.add_argument("--replica-instance", metavar="NAME",
                         help="a local instance replicating from this one: it is stopped only after "
                              "this instance stopped and drained")
@@ -366,7 +441,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "(default: --imapd-conf, made absolute)")
     parser.add_argument("--unit-cyrus-conf", metavar="PATH",
                         help="cyrus.conf path written into the unit (default: --cyrus-conf, made absolute)")
-    parser.add_argument("--templates", metavar="DIR", help="template directory (default: the bundled one)")
+    parser.add_argument("--templates", metavar="DIR", help="template directory (default: the templates installed with cyrushelper)")
     parser.add_argument("--force", action="store_true",
                         help="replace output files even if they were edited by hand")
 
@@ -377,10 +452,10 @@ def main(args: argparse.Namespace) -> int:
     check_output(output)
     inst = arguments.load_instance(args)
     try:
-        written = generate(inst, output, args.helper or default_helper(), force=args.force,
+        written = generate(inst, output, args.helper, force=args.force,
                            replica_instance=args.replica_instance,
                            unit_imapd_conf=args.unit_imapd_conf, unit_cyrus_conf=args.unit_cyrus_conf,
-                           template_dir=find_templates(args.templates), initial_role=args.initial_role or None)
+                           templates=load_templates(args.templates), initial_role=args.initial_role or None)
     except OutputConflict as e:
         print(f"cyrushelper generate: {e}", file=sys.stderr)
         return exitcodes.FAILURE

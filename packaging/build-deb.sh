@@ -12,10 +12,15 @@ trap 'rm -rf "$work"' EXIT
 src="$work/cyrushelper"
 mkdir "$src"
 # What a commit of this tree would hold: the files git tracks (minus ones deleted in the work
-# tree) plus new files that are not ignored -- never .venv/, build output or caches.
-(cd "$repo" && git ls-files --cached --others --exclude-standard |
-    while IFS= read -r f; do if [ -e "$f" ] || [ -L "$f" ]; then echo "$f"; fi; done |
-    tar -cf - --no-recursion -T -) | tar -xf - -C "$src"
+# tree) plus new files that are not ignored -- never .venv/, build output or caches. A tree that is
+# not a git checkout (an unpacked release, the tests' clean copy) is taken as it is.
+if command -v git >/dev/null && git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+    (cd "$repo" && git ls-files --cached --others --exclude-standard |
+        while IFS= read -r f; do if [ -e "$f" ] || [ -L "$f" ]; then echo "$f"; fi; done |
+        tar -cf - --no-recursion -T -) | tar -xf - -C "$src"
+else
+    (cd "$repo" && tar -cf - --exclude=./dist .) | tar -xf - -C "$src"
+fi
 rm -rf "$src/debian"
 cp -r "$src/packaging/debian" "$src/debian"
 # Debian's own interpreters only: a pyenv/venv python3.11 earlier in PATH would be picked by pybuild.
@@ -23,5 +28,6 @@ cp -r "$src/packaging/debian" "$src/debian"
 cp "$work"/*.deb "$work"/*.buildinfo "$work"/*.changes "$out"/
 echo "built: $(ls "$out"/cyrushelper_*.deb)"
 if command -v lintian >/dev/null; then
+    echo "lintian --pedantic: $(lintian --version)"   # says that it ran, also when it finds nothing
     lintian --info --display-info --pedantic "$work"/*.changes || true
 fi

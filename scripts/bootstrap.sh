@@ -1,20 +1,26 @@
 #!/bin/sh
-# Install what cyrushelper's demo and tests need on Debian 12, as root, idempotently:
-# Cyrus 3.6 from Debian, systemd-nspawn pinned to the installed systemd (an unpinned install
+# Install what cyrushelper's demo and tests need on Debian 12 or 13, as root, idempotently:
+# Cyrus from Debian (3.6 on 12, 3.10 on 13), systemd-nspawn pinned to the installed systemd (an unpinned install
 # would upgrade systemd itself), libsystemd-dev for the systemd-python extra, and a venv in .venv.
 set -eu
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bootstrap: run as root (installs Debian packages)" >&2; exit 1; }
 SDV=$(dpkg-query -W -f='${Version}' systemd)
-# Cyrus + SASL tools for the lab pair; nspawn for the throwaway systemd; libsystemd-dev etc. to
-# build systemd-python; the rest builds the Debian package (tests/system/test_packaging_deb.py);
-# debootstrap builds the other Debian release's root for its containers (testbed/images.py);
-# openssh-server gives the two-host switchover test its sshd (run inside a container only).
+# Cyrus + SASL tools for the lab pair; pop3d/nntpd/httpd, which Debian's own cyrus.conf names (the
+# install test runs it untouched); nspawn for the throwaway systemd; libsystemd-dev etc. to build
+# systemd-python; debhelper..lintian build and check the Debian package, rpm..python3-installer the
+# Fedora one (tests/system/test_packaging_{deb,rpm}.py); debootstrap builds the other Debian
+# release's root for its containers (testbed/images.py); openssh-server gives the two-host
+# switchover test its sshd (run inside a container only).
 PKGS="cyrus-imapd cyrus-common cyrus-replication cyrus-admin cyrus-clients sasl2-bin
+      cyrus-pop3d cyrus-nntpd cyrus-caldav
       systemd-container=$SDV libsystemd-dev=$SDV pkg-config gcc python3-venv python3-dev
       debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-jinja2
       python3-pyinotify python3-sdnotify python3-packaging python3-pytest python3-hypothesis
-      dpkg-dev fakeroot debootstrap openssh-server"
+      dpkg-dev fakeroot lintian rpm rpmlint python3-build python3-installer debootstrap openssh-server"
+# systemd.pc (the package build asks it for the unit directory) is in systemd-dev since Debian 13
+. /etc/os-release
+[ "${VERSION_CODENAME:-}" = bookworm ] || PKGS="$PKGS systemd-dev=$SDV"
 missing=""
 for p in $PKGS; do
   name=${p%%=*}

@@ -6,6 +6,7 @@ them inside a throwaway systemd container (where the pair's loopback network liv
        [--stats FILE] [--hold-user U --hold-until PATH]    like an MTA (retries); every attempt counted
   deliver ROOT --record FILE --count N [--user alice]         N messages on one LMTP connection
   verify ROOT --record FILE [...]                              acknowledged vs present on the replica (JSON)
+  relay ROOT --record FILE --rate BYTES_PER_S                  throttling relay primary -> replica sync_server
   expunge ROOT --imap HOST:PORT [--user alice] [--count 1]    expunge the last messages of INBOX as the user
   create-switchable ROOT [--port-base N] [--only a|b] [--listen a=ADDR] [--peer a=ADDR]
                                                                a switchable pair (README recipe)
@@ -26,19 +27,20 @@ from cyrushelper.atomic import write_atomic
 from testbed.mail import (LOOPBACK, Hold, LmtpLoad, compare_storage, deliver_lmtp, expunge_last,
                           verify_on_replica)
 from testbed.pair import CyrusPair, SwitchablePair
+from testbed.relay import ThrottlingRelay
 
 
 def _pair(args) -> CyrusPair:
     channels = args.channels.split(",") if getattr(args, "channels", None) else None
     return CyrusPair(args.root, port_base=args.port_base, rolling=getattr(args, "rolling", False),
-                     channels=channels)
+                     channels=channels, sync_relay=getattr(args, "sync_relay", False))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("create", "load", "deliver", "verify", "create-switchable", "expunge"):
+    for name in ("create", "load", "deliver", "verify", "create-switchable", "expunge", "relay"):
         p = sub.add_parser(name)
         p.add_argument("root")
         p.add_argument("--port-base", type=int, default=11000)
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "create":
             p.add_argument("--rolling", action="store_true")
             p.add_argument("--channels", help="comma-separated sync_log_channels ('\"\"' = default)")
-        if name in ("load", "deliver", "verify"):
+            p.add_argument("--sync-relay", action="store_true",
+                           help="the primary replicates through the relay port (start `relay` there)")
+        if name in ("load", "deliver", "verify", "relay"):
             p.add_argument("--record", action="append", required=True)
         if name == "load":
             p.add_argument("--seconds", type=float, default=60)
@@ -73,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--count", type=int, required=True)
             p.add_argument("--user", default="alice")
             p.add_argument("--tag", default="backlog")
+        if name == "relay":
+            p.add_argument("--rate", type=float, required=True, help="bytes per second towards the replica")
         if name == "verify":
             p.add_argument("--storage", action="store_true", help="also compare UID+GUID per mailbox")
     args = parser.parse_args(argv)
@@ -123,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.stats:
             write_atomic(args.stats, stats + "\n", mode=0o644)
         print(stats, flush=True)
+        return 0
+
+    if args.command == "relay":
+        relay = ThrottlingRelay(pair.ports.sync_relay, pair.ports.replica_sync, args.rate, args.record[0])
+        signal.signal(signal.SIGTERM, lambda *a: relay.stop())
+        relay.serve()
         return 0
 
     if args.command == "verify":

@@ -15,7 +15,9 @@ import sys
 import threading
 import time
 
+from testbed import images
 from testbed.container import SystemdContainer
+from testbed.product import PRODUCT_VENV, build_wheelhouse
 from testbed.scenario import LabSystem, StopMeasure, new_workdir
 
 PRIMARY = "cyrus@primary.service"
@@ -65,16 +67,21 @@ def act(lab: LabSystem, unit: str, load_seconds: float) -> dict:
     return {"stop": stop, "record": record}
 
 
-def run(load_seconds: float, keep: bool) -> int:
-    workdir = new_workdir("demo")
+def run(load_seconds: float, keep: bool, release: str) -> int:
+    workdir = new_workdir(f"demo-{release}")
     say(f"cyrushelper demo - scratch directory {workdir}")
     try:
-        with SystemdContainer(workdir) as box:
-            say(f"booted a throwaway systemd as PID 1 in {box.boot_seconds:.2f}s")
-            lab = LabSystem(box, workdir, rolling=True).create()
+        house = build_wheelhouse(workdir / "build")
+        say(f"built the wheel {house.wheel.name}: installed in the container as a user would "
+            f"(python3 -m venv {PRODUCT_VENV} && pip install)")
+        with SystemdContainer(workdir, root=images.container_root(release)) as box:
+            systemd = box.run("systemctl", "--version").stdout.split()[1]
+            cyrus_version = box.run("/usr/lib/cyrus/bin/master", "-V", check=False).stdout.split()[1]
+            say(f"booted a throwaway systemd {systemd} ({release}) as PID 1 in {box.boot_seconds:.2f}s")
+            lab = LabSystem(box, workdir, wheelhouse=house, rolling=True).create()
             lab.install_cyrushelper_units()
             lab.start(REPLICA, PRIMARY)
-            say("real Cyrus 3.6 pair up: primary (rolling sync_client under master) -> replica\n")
+            say(f"real Cyrus {cyrus_version} pair up: primary (rolling sync_client under master) -> replica\n")
 
             say("1) cyrushelper's unit (Type=notify, fence, one SIGTERM, drain in ExecStopPost)")
             ours = act(lab, PRIMARY, load_seconds)
@@ -117,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-seconds", type=float, default=4.0,
                         help="seconds of LMTP load before each stop (default 4)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--release", choices=list(images.RELEASES), default=images.host_release(),
+                        help="the Debian release the container runs: the host's own (default) or another "
+                             "one's root, debootstrapped and cached on first use (testbed/images.py)")
     args = parser.parse_args(argv)
-    return run(args.load_seconds, args.keep)
+    return run(args.load_seconds, args.keep, args.release)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ CACHE = Path(os.environ.get("CYRUSHELPER_ROOTS", "/var/cache/cyrushelper-lab/roo
 MIRROR = os.environ.get("CYRUSHELPER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # Debian release codename -> version, for the releases the project supports.
 RELEASES = {"bookworm": "12", "trixie": "13"}
+# Each release's /usr/bin/python3 (the product's venv is made with it).
+PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 # cyrus-common depends on a mail transport; trixie's default (exim4) fails in a chroot ("user mail
 # was not found"): msmtp-mta satisfies the dependency and is installed first.
 FIRST = ["msmtp-mta"]
@@ -34,7 +36,17 @@ PACKAGES = ["systemd", "systemd-sysv", "dbus", "procps",
             "sasl2-bin", "python3", "python3-venv",
             # what the product imports (its wheel installs them into its venv as well) and the test
             # bed, which runs with this release's /usr/bin/python3
-            "python3-jinja2", "python3-sdnotify", "python3-pyinotify"]
+            "python3-jinja2", "python3-sdnotify", "python3-pyinotify",
+            # building the Debian package with this release's tools (tests/system/test_packaging_deb.py)
+            "build-essential", "debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all", "python3-setuptools",
+            "python3-packaging", "python3-pytest", "python3-hypothesis", "dpkg-dev", "lintian", "pkgconf"]
+# systemd.pc, which the package build reads, moved from systemd to systemd-dev in Debian 13
+EXTRA_PACKAGES = {"bookworm": [], "trixie": ["systemd-dev"]}
+# Kept as .deb files in the root's /var/cache/apt/archives: the package test removes them inside the
+# container and `apt-get install ./cyrushelper_*.deb` must bring them back from an offline repository.
+_RUNTIME = ["python3-jinja2", "python3-markupsafe", "python3-pyinotify", "python3-sdnotify"]
+# trixie's python3-pyinotify needs python3-pyasyncore (asyncore left Python's library in 3.12)
+KEEP_DEBS = {"bookworm": _RUNTIME, "trixie": _RUNTIME + ["python3-pyasyncore"]}
 STAMP = ".cyrushelper-root.json"
 
 
@@ -53,7 +65,8 @@ def host_release() -> str:
 
 
 def recipe(release: str) -> dict:
-    return {"release": release, "mirror": MIRROR, "first": FIRST, "packages": PACKAGES}
+    return {"release": release, "mirror": MIRROR, "first": FIRST,
+            "packages": PACKAGES + EXTRA_PACKAGES[release], "keep": KEEP_DEBS[release]}
 
 
 def recipe_id(release: str) -> str:
@@ -100,8 +113,10 @@ def _build(release: str, target: Path) -> None:
         (work / "usr/sbin/policy-rc.d").chmod(0o755)
         shutil.copy("/etc/resolv.conf", work / "etc/resolv.conf")
         apt = "apt-get install -y -q --no-install-recommends"
-        script = (f"apt-get update -q && {apt} {' '.join(FIRST)} && {apt} {' '.join(PACKAGES)} "
-                  "&& apt-get clean")
+        packages = " ".join(recipe(release)["packages"])
+        script = (f"apt-get update -q && {apt} {' '.join(FIRST)} && {apt} {packages} "
+                  f"&& apt-get clean && apt-get install -y -q --reinstall --download-only "
+                  f"{' '.join(KEEP_DEBS[release])}")
         # a private mount namespace: /proc for the chroot goes away with it, whatever happens
         _run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
               f'mount -t proc proc "$1/proc" && exec chroot "$1" sh -c "$2"', "_", str(work), script],

@@ -53,14 +53,15 @@ class Ports:
     primary_lmtp: int
     replica_imap: int
     replica_sync: int
+    sync_relay: int      # a throttling relay to replica_sync (testbed.relay), when the pair uses one
 
     @classmethod
     def from_base(cls, base: int) -> Ports:
         return cls(primary_imap=base + 143, primary_lmtp=base + 24,
-                   replica_imap=base + 243, replica_sync=base + 292)
+                   replica_imap=base + 243, replica_sync=base + 292, sync_relay=base + 293)
 
     def all(self) -> list[int]:
-        return [self.primary_imap, self.primary_lmtp, self.replica_imap, self.replica_sync]
+        return [self.primary_imap, self.primary_lmtp, self.replica_imap, self.replica_sync, self.sync_relay]
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,10 @@ class CyrusPair:
     """Primary + replica Cyrus 3.6 instances under `root`, on loopback ports derived from port_base."""
 
     def __init__(self, root: os.PathLike | str, port_base: int = 11000, rolling: bool = False,
-                 channels: list[str] | None = None):
+                 channels: list[str] | None = None, sync_relay: bool = False):
+        """sync_relay: the primary replicates through ports.sync_relay (start testbed.relay there)."""
         self.root = Path(root).absolute()
+        self.sync_relay = sync_relay
         self.port_base = int(port_base)
         if not 1024 <= self.port_base <= 65535 - 300:
             raise LabError(f"port_base {port_base} out of range (1024..65235)")
@@ -252,9 +255,14 @@ class CyrusPair:
         for name in self.channels:
             if name:
                 lines += [f"{name}_sync_host: {LOOPBACK}",
-                          f"{name}_sync_port: {self.ports.replica_sync}",
+                          f"{name}_sync_port: {self.primary_sync_port}",
                           f"{name}_sync_shutdown_file: {self.root}/primary/config/sync/{name}/shutdown"]
         return "\n".join(lines)
+
+    @property
+    def primary_sync_port(self) -> int:
+        """Where the primary's sync_client connects: the replica's sync_server, or the relay."""
+        return self.ports.sync_relay if self.sync_relay else self.ports.replica_sync
 
     def _daemon_section(self) -> str:
         if not self.rolling:
@@ -274,7 +282,7 @@ class CyrusPair:
         common = {"ROOT": str(self.root)}
         primary = dict(common, SYSLOG_PREFIX=self.syslog_prefix("primary"),
                        IMAP_PORT=str(self.ports.primary_imap), LMTP_PORT=str(self.ports.primary_lmtp),
-                       SYNC_PORT=str(self.ports.replica_sync), CHANNEL_OPTIONS=self._channel_options(),
+                       SYNC_PORT=str(self.primary_sync_port), CHANNEL_OPTIONS=self._channel_options(),
                        DAEMON_SECTION=self._daemon_section())
         replica = dict(common, SYSLOG_PREFIX=self.syslog_prefix("replica"),
                        IMAP_PORT=str(self.ports.replica_imap), SYNC_PORT=str(self.ports.replica_sync))

@@ -14,10 +14,13 @@ import shutil
 import time
 from pathlib import Path
 
+from testbed import images
 from testbed.container import SystemdContainer
 from testbed.network import PrivateLink
 from testbed.pair import LOOPBACK, SwitchablePair
-from testbed.scenario import helper_path, install_lab_dropins, new_workdir
+from testbed import product
+from testbed.product import Wheelhouse
+from testbed.scenario import new_workdir
 
 NAMES = ("a", "b")
 INITIAL_ROLES = {"a": "primary", "b": "replica"}
@@ -25,7 +28,7 @@ INITIAL_ROLES = {"a": "primary", "b": "replica"}
 
 class SwitchLab:
     def __init__(self, containers: dict[str, SystemdContainer], workdirs: dict[str, Path], port_base: int,
-                 addresses: dict[str, str] | None = None):
+                 wheelhouse: Wheelhouse, addresses: dict[str, str] | None = None):
         self.containers = containers
         self.workdirs = workdirs
         self.port_base = port_base
@@ -34,7 +37,8 @@ class SwitchLab:
         peers = {n: self.addresses[NAMES[1 - NAMES.index(n)]] for n in NAMES}
         self.pairs = {n: SwitchablePair(workdirs[n] / "lab", port_base, listen_host=dict(self.addresses),
                                         peer_host=peers) for n in NAMES}
-        self.helper = helper_path()
+        self.wheelhouse = wheelhouse
+        self.helper: str | None = None   # cyrushelper as users install it, on each host (create())
         self._loads = 0
 
     # ------------------------------------------------------------------ helpers
@@ -72,6 +76,9 @@ class SwitchLab:
             listen = [f"--listen={n}={self.addresses[n]}" for n in NAMES]
             peer = [f"--peer={n}={self.addresses[NAMES[1 - NAMES.index(n)]]}" for n in NAMES]
             self.lab(name, "create-switchable", "--only", name, *listen, *peer)
+        for name in NAMES if self.two_hosts else NAMES[:1]:   # the wheel in a venv under /opt, per host
+            house = product.copy_wheels(self.wheelhouse, self.workdirs[name] / "wheels")
+            self.helper = product.install(self.c(name), house)
         return self
 
     def install(self, extra_dropin: dict[str, str] | None = None) -> None:
@@ -82,12 +89,14 @@ class SwitchLab:
                                  "--cyrus-conf", str(pair.cyrus_conf(name)),
                                  "--replica-cyrus-conf", str(pair.replica_cyrus_conf(name)),
                                  "--initial-role", INITIAL_ROLES[name], "--instance", name,
-                                 "--output", str(out), "--helper", self.helper, timeout=60)
+                                 "--output", str(out), timeout=60)
             if r.returncode != 0:
                 raise RuntimeError(f"generate {name} failed ({r.returncode}): {r.stderr}")
             self.c(name).install_units(out)
-        for name in NAMES:
-            install_lab_dropins(self.c(name), (name,), extra_dropin)
+        for name, text in (extra_dropin or {}).items():   # tuning, as `systemctl edit cyrus@NAME` writes it
+            self.c(name).run("sh", "-c", f"mkdir -p /etc/systemd/system/cyrus@{name}.service.d && "
+                                         f"cat > /etc/systemd/system/cyrus@{name}.service.d/tuning.conf", input=text)
+            self.c(name).systemctl("daemon-reload")
 
     def start(self, *names: str) -> None:
         for name in names:
@@ -163,16 +172,19 @@ class SwitchLab:
 class SwitchLabFactory:
     """Boots the containers (one, or two on a private link) and tears everything down."""
 
-    def __init__(self, tag: str):
+    def __init__(self, tag: str, wheelhouse: Wheelhouse, release: str | None = None):
+        """`release`: the Debian release the containers run (None: the host's own)."""
         self.tag = tag
+        self.wheelhouse = wheelhouse
+        self.root = images.container_root(release) if release else None
         self.made: list[tuple[Path, SystemdContainer]] = []
         self.links: list[PrivateLink] = []
 
     def local(self, port_base: int) -> SwitchLab:
         workdir = new_workdir(self.tag)
-        box = SystemdContainer(workdir).__enter__()
+        box = SystemdContainer(workdir, root=self.root).__enter__()
         self.made.append((workdir, box))
-        return SwitchLab({"a": box, "b": box}, {"a": workdir, "b": workdir}, port_base).create()
+        return SwitchLab({"a": box, "b": box}, {"a": workdir, "b": workdir}, port_base, self.wheelhouse).create()
 
     def two_hosts(self, port_base: int) -> SwitchLab:
         base = new_workdir(self.tag)
@@ -182,9 +194,10 @@ class SwitchLabFactory:
         for name in NAMES:
             workdirs[name] = base / name
             workdirs[name].mkdir()
-            boxes[name] = SystemdContainer(workdirs[name], network_namespace=link.namespace(name)).__enter__()
+            boxes[name] = SystemdContainer(workdirs[name], network_namespace=link.namespace(name),
+                                           root=self.root).__enter__()
             self.made.append((workdirs[name], boxes[name]))
-        lab = SwitchLab(boxes, workdirs, port_base, addresses={n: link.address(n) for n in NAMES})
+        lab = SwitchLab(boxes, workdirs, port_base, self.wheelhouse, addresses={n: link.address(n) for n in NAMES})
         setup_ssh(lab)
         return lab.create()
 

@@ -168,6 +168,7 @@ def cyrus_pair(cyrus_pair_factory) -> CyrusPair:
 
 # ---- throwaway systemd container (helper B) ----
 
+from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer, unavailable_reason  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
@@ -205,6 +206,17 @@ def systemd_container(tmp_path):
         print(f"--- container journal (boot {box.boot_seconds:.2f}s) ---\n{journal}")
 
 
+# ---- the product as users install it (testbed/product.py) ----
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory):
+    """The wheel of this checkout plus every dependency's wheel, built once per session on the host
+    (containers have no network); LabSystem installs it into a fresh venv under /opt per container."""
+    require_root_and_cyrus()
+    from testbed.product import build_wheelhouse
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
 # ---- the pair under cyrushelper's units in a throwaway systemd (testbed.scenario) ----
 
 PRIMARY = "cyrus@primary.service"
@@ -212,18 +224,26 @@ REPLICA = "cyrus@replica.service"
 
 
 @pytest.fixture
-def lab_factory(request):
-    """make(rolling=True, ...) -> a LabSystem (pair created) in a freshly booted container
-    (testbed.scenario: the pair run by systemd units, the end-to-end tests' test bed)."""
+def release(request) -> str:
+    """The Debian release a container boots: the host's own, unless a test is parametrized with
+    `pytest.mark.parametrize("release", images.releases_under_test(), indirect=True)`."""
+    return getattr(request, "param", images.host_release())
+
+
+@pytest.fixture
+def lab_factory(request, wheelhouse, release):
+    """make(rolling=True, ...) -> a LabSystem (pair created, cyrushelper installed from the wheel
+    into /opt/cyrushelper) in a freshly booted container of `release` (testbed.scenario: the pair run
+    by systemd units, the end-to-end tests' test bed)."""
     require_root_and_cyrus()
     require_container_host()
     made = []
 
     def make(rolling: bool = True, **kwargs) -> LabSystem:
         workdir = new_workdir(request.node.name[:40].replace("[", "-").replace("]", ""))
-        container = SystemdContainer(workdir).__enter__()
+        container = SystemdContainer(workdir, root=images.container_root(release)).__enter__()
         made.append((workdir, container))
-        return LabSystem(container, workdir, rolling=rolling, **kwargs).create()
+        return LabSystem(container, workdir, wheelhouse=wheelhouse, rolling=rolling, **kwargs).create()
 
     yield make
     for workdir, container in made:

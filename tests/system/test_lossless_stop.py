@@ -30,10 +30,17 @@ import pytest
 
 from cyrushelper import exitcodes
 from cyrushelper.synclog import pending_files
+from testbed import images
+from testbed.relay import read_record
 from testbed.scenario import LabSystem
+from tests.bounds import upper
 from tests.conftest import PRIMARY, REPLICA, started, until
 
-pytestmark = pytest.mark.system
+# Every lossless-stop promise holds on each supported Debian release: the host's own and the other
+# one (Debian 12: Cyrus 3.6.1, systemd 252; Debian 13: Cyrus 3.10.2, systemd 257, Python 3.13).
+pytestmark = [pytest.mark.system,
+              pytest.mark.parametrize("release", images.releases_under_test(), indirect=True)]
+
 
 def _drain_lines(journal: str) -> list[str]:
     return [line for line in journal.splitlines() if "cyrushelper" in line and "drained" in line]
@@ -43,7 +50,12 @@ def _holding(record: Path) -> bool:
     return record.with_name(record.name + ".holding").exists()
 
 
-def test_stop_under_load_is_lossless(lab_factory):
+# Releases whose Cyrus carries the fix for the shutdown hang (cyrus-imapd #5309: in 3.8.6, 3.10.2,
+# 3.12.0, 3.13.1; Debian 12's 3.6.1 has it): their master must never need run's lone-master SIGKILL.
+HANG_FIXED = {"trixie"}
+
+
+def test_stop_under_load_is_lossless(lab_factory, release):
     # no rolling sync_client: everything the load delivers waits in the sync log, so the stop's
     # drain has all of it to replicate (lines_before below is the whole load)
     lab = started(lab_factory(rolling=False))
@@ -68,8 +80,11 @@ def test_stop_under_load_is_lossless(lab_factory):
     drain = lab.state_file("last-drain.json")
     assert drain is not None and drain["exit_code"] == 0, drain
     assert drain["channels"][0]["lines_before"] > 0, f"the drain had nothing to do: {drain}"
-    print(f"stop took {stop.seconds:.2f}s; {report['summary']}; load: {json.dumps(stats)}; "
-          f"drain: {json.dumps(drain)[:400]}")
+    hung = bool(lab.state_file("last-stop.json").get("master_hung_after_children"))
+    if release in HANG_FIXED:
+        assert not hung, "Cyrus with the #5309 fix hung after its last child"
+    print(f"{release}: stop took {stop.seconds:.2f}s, master hung after its children: {hung}; "
+          f"{report['summary']}; load: {json.dumps(stats)}; drain: {json.dumps(drain)[:400]}")
 
 
 def test_restart_under_load_is_lossless(lab_factory):
@@ -163,7 +178,7 @@ def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, roll
     stop = lab.stop(PRIMARY)
 
     assert stop.active_state == "failed" and stop.result == "exit-code", stop
-    assert stop.seconds < 20 + 15, f"stop took {stop.seconds:.1f}s, beyond the drain deadline"
+    assert stop.seconds < upper(20, work=5), f"stop took {stop.seconds:.1f}s, beyond the drain deadline"
     assert stop.lines_left == kept
     assert _sync_log_digests(lab) == kept_bytes, "the failed drain touched the events"
     journal = lab.journal(PRIMARY)
@@ -192,40 +207,40 @@ def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, roll
 
 
 def test_drain_longer_than_timeout_stop_sec_completes(lab_factory):
-    timeout_stop = 2
-    lab = started(lab_factory(rolling=False),
+    """The drain is slow by construction, not by hoping the machine is slow: the primary replicates
+    through a relay (testbed.relay) that lets RATE bytes/s towards the replica, so the drain takes at
+    least bytes/RATE seconds -- more than twice TimeoutStopSec on any machine. The stop can then end
+    `success` only because the drain's EXTEND_TIMEOUT_USEC pulses kept extending the timer."""
+    timeout_stop, rate = 2, 10_000
+    lab = started(lab_factory(rolling=False, sync_relay=True),
                   extra_dropin={"primary": f"[Service]\nTimeoutStopSec={timeout_stop}s\n"})
-    record = lab.deliver(300, tag="backlog")
+    _, relay_record = lab.start_relay(rate)
+    record = lab.deliver(800, tag="bigbacklog")
     backlog = lab.backlog()["default"]
-    assert backlog >= 300
+    assert backlog >= 800
     # the live backlog in STATUS= (inotify on the sync directory, real Cyrus appending)
     until(lambda: lab.c.show(PRIMARY, "StatusText")["StatusText"] == f"backlog default={backlog}", 30,
           f"STATUS=backlog default={backlog}")
 
-    # A stalled replica (its cgroup frozen: it accepts, never greets) makes the drain outlast
-    # TimeoutStopSec on purpose, by as long as we like; only the drain's EXTEND pulses keep
-    # systemd from killing it meanwhile. sync_client waits 10 s for a greeting: we thaw well before.
-    lab.c.systemctl("freeze", REPLICA)
-    t0 = time.monotonic()
-    lab.c.systemctl("stop", "--no-block", PRIMARY)
-    until(lambda: lab.c.show(PRIMARY, "SubState")["SubState"] == "stop-post", 60, "the drain (ExecStopPost)")
-    time.sleep(2 * timeout_stop)
-    assert lab.c.show(PRIMARY, "SubState")["SubState"] == "stop-post", lab.journal(PRIMARY)[-3000:]
-    lab.c.systemctl("thaw", REPLICA)
-    until(lambda: lab.c.show(PRIMARY, "ActiveState")["ActiveState"] in ("inactive", "failed"), 60,
-          "the stop to end")
-    seconds = time.monotonic() - t0
+    lab.c.run("systemd-analyze", "log-level", "debug")   # PID 1 then logs every notify message
+    stop = lab.stop(PRIMARY)
+    lab.c.run("systemd-analyze", "log-level", "info")
 
-    props = lab.c.show(PRIMARY, "Result", "ActiveState")
-    assert props == {"Result": "success", "ActiveState": "inactive"}, (props, lab.journal(PRIMARY)[-4000:])
-    assert lab.backlog() == {"default": 0}
+    assert (stop.result, stop.active_state) == ("success", "inactive"), lab.journal(PRIMARY)[-4000:]
+    forwarded = read_record(relay_record)["up"]
+    assert forwarded / rate > 2 * timeout_stop, \
+        f"only {forwarded} bytes replicated: at {rate} B/s the drain could have fit in TimeoutStopSec"
+    assert stop.total_left == 0
+    extends = [line for line in lab.journal(PRIMARY).splitlines()
+               if "Got notification message" in line and "EXTEND_TIMEOUT_USEC=" in line]
+    assert len(extends) >= 2, "no EXTEND_TIMEOUT_USEC pulses reached systemd"
     drain = lab.state_file("last-drain.json")
     assert drain["exit_code"] == 0 and drain["channels"][0]["lines_before"] == backlog, drain
-    assert drain["channels"][0]["seconds"] > 2 * timeout_stop, drain
     report = lab.verify(record)
     assert report["missing"] == 0, report
-    print(f"drain of {backlog} lines held by a frozen replica took {drain['channels'][0]['seconds']:.2f}s "
-          f"with TimeoutStopSec={timeout_stop}s; whole stop {seconds:.2f}s")
+    print(f"drain of {drain['channels'][0]['lines_before']} lines, {forwarded} bytes through the relay "
+          f"(>= {forwarded / rate:.1f}s at {rate} B/s) with TimeoutStopSec={timeout_stop}s: "
+          f"{len(extends)} EXTEND pulses, whole stop {stop.seconds:.2f}s")
 
 
 def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory):
@@ -246,7 +261,7 @@ def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory):
 
     assert stop.active_state == "failed", stop
     assert stop.exit_status == str(exitcodes.UNCLEAN_STOP), stop
-    assert stop.seconds < stop_timeout + 10, f"stop took {stop.seconds:.1f}s"
+    assert stop.seconds < upper(stop_timeout, work=3), f"stop took {stop.seconds:.1f}s"
     marker = lab.state_file("unclean-stop.json")
     assert marker is not None and "deadline" in marker["reason"], marker
     status = lab.cyrushelper("status", "--instance", "primary", "--imapd-conf", str(lab.pair.primary_imapd_conf),

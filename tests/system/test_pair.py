@@ -131,7 +131,7 @@ def test_start_refuses_busy_port_and_stop_is_by_pid(cyrus_pair):
     with pytest.raises(Exception, match="already running"):
         cyrus_pair.start("replica")
     result = cyrus_pair.stop("replica")
-    assert result.clean and result.pid == pid and result.seconds < 5
+    assert result.clean and result.pid == pid   # clean: gone within stop()'s deadline, no SIGKILL
     assert not cyrus_pair.running("replica")
     assert cyrus_pair.stop("replica").was_running is False
 

@@ -16,6 +16,7 @@ import pytest
 
 from cyrushelper import exitcodes
 from cyrushelper.switchover import KILL_HOOK, STEPS
+from testbed import images
 from testbed.switchlab import SwitchLabFactory
 from tests.conftest import next_port_base, require_container_host, require_root_and_cyrus
 
@@ -23,10 +24,10 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture
-def factory(request):
+def factory(request, wheelhouse, release):
     require_root_and_cyrus()
     require_container_host()
-    f = SwitchLabFactory(request.node.name[:30])
+    f = SwitchLabFactory(request.node.name[:30], wheelhouse, release)
     yield f
     print(f.journals())
     f.close(keep=bool(os.environ.get("CYRUSHELPER_KEEP_LAB")))
@@ -75,6 +76,10 @@ def round_trip(lab) -> None:
     nothing_missing(lab, record_file)
 
 
+# The round trip on each supported release: Cyrus 3.10's cyrus.index (format 19), systemd 257 and
+# Python 3.13 on Debian 13; the other switchover tests run on the host's release only (their logic
+# does not depend on the release, and CI time is finite).
+@pytest.mark.parametrize("release", images.releases_under_test(), indirect=True)
 def test_local_round_trip_under_load_with_dry_run_guard_and_journal(factory):
     lab = factory.local(next_port_base())
     lab.install()

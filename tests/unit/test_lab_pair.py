@@ -27,8 +27,16 @@ def load(pair: CyrusPair, which: str) -> Instance:
 
 def test_ports_follow_the_base():
     assert Ports.from_base(11000) == Ports(primary_imap=11143, primary_lmtp=11024,
-                                           replica_imap=11243, replica_sync=11292)
-    assert CyrusPair("/x", port_base=20000).ports.all() == [20143, 20024, 20243, 20292]
+                                           replica_imap=11243, replica_sync=11292, sync_relay=11293)
+    assert CyrusPair("/x", port_base=20000).ports.all() == [20143, 20024, 20243, 20292, 20293]
+
+
+def test_sync_relay_sends_the_primary_through_the_relay_port():
+    direct = CyrusPair("/x", port_base=20000, channels=["", "repl1"]).render()["primary/imapd.conf"]
+    relayed = CyrusPair("/x", port_base=20000, channels=["", "repl1"], sync_relay=True).render()["primary/imapd.conf"]
+    assert "sync_port: 20292" in direct and "repl1_sync_port: 20292" in direct
+    assert "sync_port: 20293" in relayed and "repl1_sync_port: 20293" in relayed
+    assert "20292" not in relayed
 
 
 @pytest.mark.parametrize("base", [80, 65400])

@@ -1,7 +1,7 @@
 """packaging/: the Debian and RPM packages stay in step with the code they package.
 
-Versions match cyrushelper.__version__, every file the packages install exists, the templates go
-where render.py looks for them, and the packages' dependencies cover pyproject.toml's.
+Versions match cyrushelper.__version__, every file the packages install exists, the templates travel
+inside the Python package only, and the packages' dependencies cover pyproject.toml's.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def control_field(name: str, paragraph: int) -> str:
 
 
 def relations(field: str) -> dict[str, str | None]:
-    """'a (>= 1), b' -> {'a': '1', 'b': None} (the >= floor; alternatives are not used here)."""
+    """'a (>= 1), b | c' -> {'a': '1', 'b': None, 'c': None} (the >= floor; each alternative listed)."""
     result = {}
-    for item in filter(None, (i.strip() for i in field.split(","))):
+    for item in filter(None, (i.strip() for part in field.split(",") for i in part.split("|"))):
         m = re.fullmatch(r"([a-z0-9][a-z0-9+.-]*|\$\{[^}]+\})\s*(?:\(\s*(<<|<=|=|>=|>>)\s*([^)\s]+)\s*\))?"
                          r"(?:\s*<[^>]*>)?", item)
         assert m, f"cannot parse relation {item!r}"
@@ -106,20 +106,30 @@ def test_every_file_the_deb_installs_exists():
 
 
 def test_deb_installs_the_shared_units_only():
-    units = {Path(s).name: dest for sources, dest in debian_install_lines()
-             for s in sources if s.startswith("units/")}
-    assert units == {"cyrus@.service": "lib/systemd/system/", "cyrus.service": "lib/systemd/system/"}
+    """units/ has exactly the shared units, and debian/rules installs both into the unit directory
+    systemd's pkg-config file names (not a fixed /lib or /usr/lib: Debian 12's dh_installsystemd looks
+    only under /lib, Debian 13's lintian refuses it); nothing else installs units."""
+    assert sorted(p.name for p in (ROOT / "units").glob("*.service")) == ["cyrus.service", "cyrus@.service"]
+    rules = (DEBIAN / "rules").read_text()
+    assert "UNITDIR := $(shell pkg-config --variable=systemdsystemunitdir systemd)" in rules
+    for name in ("cyrus@.service", "cyrus.service"):
+        assert f"install -D -m 0644 units/{name} debian/cyrushelper$(UNITDIR)/{name}" in rules
+    assert not [s for sources, _ in debian_install_lines() for s in sources if s.startswith("units/")]
 
 
-def test_deb_installs_the_templates_where_render_looks():
-    dests = {dest for sources, dest in debian_install_lines() if any(s.startswith("templates/") for s in sources)}
-    assert dests == {"usr/share/cyrushelper/templates/"}
-    assert "/" + dests.pop().rstrip("/") in {str(d) for d in render.TEMPLATE_DIRS}
+def test_templates_are_installed_with_the_module_only():
+    # one mechanism: setup.cfg maps templates/ into the package cyrushelper.templates, which every
+    # install carries; the packages must not ship a second copy somewhere else
+    assert not any(s.startswith("templates/") for sources, _ in debian_install_lines() for s in sources)
+    assert "templates/" not in spec_section("install") and "templates" not in spec_section("files")
+    setup_cfg = (ROOT / "setup.cfg").read_text()
+    assert re.search(r"^\s*cyrushelper\.templates = templates$", setup_cfg, re.M)
+    assert re.search(r"^cyrushelper\.templates = \*\.j2$", setup_cfg, re.M)
 
 
 def test_templates_render_uses_are_in_templates_dir():
     used = set(re.findall(r'"([\w@.-]+\.j2)"', Path(render.__file__).read_text()))
-    assert used, "render.py names no template: this test needs updating"
+    assert used and used == set(render.TEMPLATES), "render.py names a template outside TEMPLATES"
     for name in used:
         assert (ROOT / "templates" / name).is_file(), f"render.py uses {name}, templates/ lacks it"
 
@@ -187,13 +197,11 @@ def expand(path: str) -> str:
     return path
 
 
-def test_spec_files_hold_units_and_templates_where_render_looks():
+def test_spec_files_hold_the_units_and_the_command():
     files = {expand(line.split()[-1]) for line in spec_section("files").splitlines()
              if line.strip() and not line.startswith("%license") and not line.startswith("%doc")}
     assert {"/usr/lib/systemd/system/cyrus@.service", "/usr/lib/systemd/system/cyrus.service",
             "/usr/bin/cyrushelper"} <= files
-    assert str(render.TEMPLATE_DIRS[-1]) in {f.rstrip("/") for f in files}
-    assert "%{buildroot}%{_datadir}/cyrushelper/templates" in spec_section("install")
 
 
 def test_spec_requires_cover_pyproject_dependencies():

@@ -5,19 +5,23 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import importlib.util
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from cyrushelper import atomic, cli, exitcodes, render
+from cyrushelper.config import Instance
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBIAN = ROOT / "tests" / "data" / "debian"
 UNITS = ROOT / "units"
-# verify insists every Exec*= binary exists: render with one that does for the lint tests
-EXISTING_HELPER = shutil.which("cyrushelper") or sys.executable
+# verify insists every Exec*= binary exists: render with one that does for the lint tests (not the
+# dev venv's cyrushelper: a checkout under /tmp is hidden from units, and generate refuses it)
+EXISTING_HELPER = shutil.which("true") or "/bin/true"
 DEBIAN_ARGS = ["--imapd-conf", str(DEBIAN / "imapd.conf"), "--cyrus-conf", str(DEBIAN / "cyrus.conf"),
                "--unit-imapd-conf", "/etc/imapd.conf", "--unit-cyrus-conf", "/etc/cyrus.conf",
                "--instance", "default"]
@@ -129,11 +133,71 @@ def test_replica_instance_orders_the_stop(tmp_path):
                     "primary", "--output", str(tmp_path / "out2")) == exitcodes.CONFIG
 
 
-def test_default_helper_is_the_installed_one_made_absolute(monkeypatch):
-    monkeypatch.setattr(render.shutil, "which", lambda name: "bin/cyrushelper")
-    assert render.default_helper() == os.path.abspath("bin/cyrushelper")
-    monkeypatch.setattr(render.shutil, "which", lambda name: None)
-    assert render.default_helper() == "/usr/bin/cyrushelper"
+def _running_as(monkeypatch, **attrs) -> None:
+    """Pretend the process was started as `attrs` describe its __main__ module."""
+    main = types.ModuleType("__main__")
+    main.__spec__ = None
+    for key, value in attrs.items():
+        setattr(main, key, value)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+
+
+def test_default_helper_is_the_console_script_that_runs(monkeypatch):
+    # V/bin/cyrushelper run by path, V/bin not on PATH: the script itself, made absolute
+    _running_as(monkeypatch, __file__="opt/v/bin/cyrushelper", main=cli.main)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert render.default_helper() == os.path.abspath("opt/v/bin/cyrushelper")
+
+
+def test_default_helper_is_python_dash_m_when_run_as_a_module(monkeypatch):
+    spec = importlib.util.find_spec("cyrushelper.__main__")
+    _running_as(monkeypatch, __spec__=spec, __file__=spec.origin)
+    # a venv's python is a symlink to the base interpreter: only its own path runs the venv
+    monkeypatch.setattr(sys, "executable", "/opt/v/bin/python")
+    assert render.default_helper() == "/opt/v/bin/python -m cyrushelper"
+
+
+def test_without_a_running_program_generate_asks_for_helper(tmp_path, monkeypatch, capsys):
+    _running_as(monkeypatch, __file__="/usr/bin/something-else", main=lambda: 0)
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--output", str(tmp_path / "out")) == exitcodes.CONFIG
+    assert "--helper" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_python_dash_m_helper_lands_in_every_exec_line(tmp_path, monkeypatch):
+    _running_as(monkeypatch, __spec__=importlib.util.find_spec("cyrushelper.__main__"))
+    monkeypatch.setattr(sys, "executable", "/opt/v/bin/python")
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--output", str(tmp_path / "out")) == 0
+    unit = (tmp_path / "out" / "cyrus@.service").read_text()
+    for verb in ("run", "stop", "drain"):
+        assert re.search(rf"^Exec\w+=/opt/v/bin/python -m cyrushelper {verb} ", unit, re.M), verb
+
+
+@pytest.mark.parametrize("helper", ["/tmp/v/bin/cyrushelper", "/var/tmp/v/bin/cyrushelper",
+                                    "/root/v/bin/cyrushelper", "/home/op/v/bin/cyrushelper"])
+def test_helper_hidden_by_the_sandbox_is_refused(tmp_path, capsys, helper):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--helper", helper,
+                    "--output", str(tmp_path / "out")) == exitcodes.CONFIG
+    assert "hides" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_helper_whose_interpreter_is_hidden_is_refused(tmp_path, capsys):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    script = tmp_path / "cyrushelper"
+    script.write_text("#!/root/.pyenv/versions/3.11.7/bin/python\nfrom cyrushelper.cli import main\n")
+    with pytest.MonkeyPatch.context() as mp:   # a checkout under /tmp: pretend the script is elsewhere
+        mp.setattr(render, "_PRIVATE_TMP_ROOTS", ())
+        assert generate("-C", str(imapd), "-M", str(cyrus), "--helper", str(script),
+                        "--output", str(tmp_path / "out")) == exitcodes.CONFIG
+    assert "/root/.pyenv/versions/3.11.7/bin/python" in capsys.readouterr().err
+
+
+def test_home_helper_allowed_when_the_unit_may_see_home(tmp_path):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143, extra="sieveusehomedir: yes\n")
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--helper", "/home/op/v/bin/cyrushelper",
+                    "--output", str(tmp_path / "out")) == 0
 
 
 # --------------------------------------------------------------------------- errors, nothing written
@@ -153,7 +217,8 @@ def test_config_error_exits_78_with_file_line_and_writes_nothing(tmp_path, capsy
 
 def test_bad_instance_name_and_relative_helper_are_refused(tmp_path):
     imapd, cyrus = make_instance(tmp_path, "x", 11143)
-    for args in (["--instance", "a b"], ["--instance", "../x"], ["--helper", "bin/cyrushelper"]):
+    for args in (["--instance", "a b"], ["--instance", "../x"], ["--helper", "bin/cyrushelper"],
+                 ["--helper", "/usr/bin/python3 -m cyrushelper"]):
         assert generate("-C", str(imapd), "-M", str(cyrus), *args,
                         "--output", str(tmp_path / "out")) == exitcodes.CONFIG
     assert not (tmp_path / "out").exists()
@@ -293,6 +358,14 @@ systemd-analyze verify --man=no --generators=no --root=$L/m ./cyrus@default.serv
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out
+
+
+def test_missing_template_package_is_a_clear_config_error(monkeypatch):
+    def not_installed(name):
+        raise ModuleNotFoundError(name)
+    monkeypatch.setattr(render.resources, "files", not_installed)
+    with pytest.raises(render.ConfigError, match="not installed"):
+        render.load_templates()
 
 
 # --------------------------------------------------------------------------- issue 10: all or nothing
@@ -455,3 +528,14 @@ def test_a_broken_template_is_a_file_line_error(tmp_path, capsys):
     assert generate(*_base(tmp_path, out), "--templates", str(templates)) == exitcodes.CONFIG
     assert "'no_such_variable' is undefined" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_saslauthd_ordering_only_for_instances_that_use_it():
+    """After=saslauthd.service only where sasl_pwcheck_method names it (Fedora's layout does; the
+    Debian default and the lab use auxprop)."""
+    fedora = ROOT / "tests" / "data" / "fedora"
+    for conf, expected in ((fedora, True), (DEBIAN, False)):
+        files = {f.relpath: f.text for f in render.render(
+            Instance.load(conf / "imapd.conf", conf / "cyrus.conf", "x"), EXISTING_HELPER)}
+        assert ("After=saslauthd.service" in files["cyrus@x.service.d/cyrushelper.conf"]) == expected
+        assert "saslauthd.service" not in files["cyrus@.service"]  # identical for every instance

@@ -17,6 +17,7 @@ import pytest
 
 from cyrushelper import exitcodes, proc
 from tests.unit.test_supervisor_fakes import FakeCyrus, NotifySocket
+from tests.bounds import upper
 
 
 @pytest.fixture
@@ -150,7 +151,8 @@ def test_stuck_child_bounded_stop_kills_session_and_marks_unclean(fake, notify, 
     t0 = time.monotonic()
     h.signal()
     assert h.wait() == exitcodes.UNCLEAN_STOP, h.output
-    assert 1.4 < time.monotonic() - t0 < 8
+    # waited for --stop-timeout (a lower bound by construction), then escalated instead of hanging
+    assert 1.5 <= time.monotonic() - t0 < upper(1.5, work=2)
     assert fake.count("master SIGTERM") == 1
     assert proc.session_members(master) == []
     statuses = [f.get("STATUS", "") for _, f in notify.drain()]
