@@ -5,10 +5,9 @@ Cyrus 3.6 (testbed.scenario): the README's claims about the running and stopping
   `STATUS=stopping: master and N children left` meanwhile;
 - master left alone after its last child exited (the Cyrus 3.6 shutdown hang, cyrus-imapd #5309,
   provoked here on purpose) is SIGKILLed after 1 s and the stop stays clean;
-- master dying on its own makes run exit 1: the unit fails, its drain runs, Restart= restarts it.
-
-The Cyrus 3.10 `master.ready` path cannot be run here (Debian 12 ships 3.6): it is covered by the
-unit tests with a fake master only (tests/unit/test_supervisor.py).
+- master dying on its own makes run exit 1: the unit fails, its drain runs, Restart= restarts it;
+  on each supported Debian release, with READY=1 decided the way its Cyrus allows: listener probes
+  on Debian 12 (Cyrus 3.6.1 has no master.ready), master.ready then the probes on Debian 13 (3.10.2).
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ import time
 
 import pytest
 
-from cyrushelper import exitcodes
+from cyrushelper import exitcodes, supervisor
+from testbed import images
 from tests.conftest import PRIMARY, started, until
 
 pytestmark = pytest.mark.system
@@ -99,7 +99,12 @@ def test_slow_stop_outlives_timeout_stop_sec_and_hung_master_is_killed_clean(lab
     print(f"stop took {seconds:.2f}s with TimeoutStopSec={timeout_stop}s; last stop: {last}")
 
 
-def test_master_dying_on_its_own_fails_the_unit_and_restart_brings_it_back(lab_factory):
+# How run decides READY=1 with each release's Cyrus: master.ready exists since Cyrus 3.10.
+READY_PATH = {"bookworm": supervisor.READY_BY_PROBES, "trixie": supervisor.READY_BY_FILE}
+
+
+@pytest.mark.parametrize("release", images.releases_under_test(), indirect=True)
+def test_master_dying_on_its_own_fails_the_unit_and_restart_brings_it_back(lab_factory, release):
     lab = started(lab_factory(rolling=False))
     assert lab.c.show(PRIMARY, "NRestarts")["NRestarts"] == "0"
 
@@ -113,3 +118,4 @@ def test_master_dying_on_its_own_fails_the_unit_and_restart_brings_it_back(lab_f
     assert lab.state_file("last-stop.json")["result"] == "master died"
     drain = lab.state_file("last-drain.json")   # ExecStopPost ran after the failure, before the restart
     assert drain["service"]["result"] == "exit-code" and drain["exit_code"] == 0, drain
+    assert journal.count(f"ready: {READY_PATH[release]})") == 2, journal[-4000:]   # start and restart

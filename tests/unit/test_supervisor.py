@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cyrushelper import exitcodes, proc
+from cyrushelper import exitcodes, proc, supervisor
 from tests.unit.test_supervisor_fakes import FakeCyrus, NotifySocket
 from tests.bounds import upper
 
@@ -315,6 +315,7 @@ def test_ready_file_of_cyrus_310_is_awaited(fake, notify, helpers):
     assert t_ready - fake.first("master listening")[0] >= 0.9
     h.signal()
     assert h.wait() == 0
+    assert f"ready: {supervisor.READY_BY_FILE})" in h.output, h.output
 
 
 def test_start_timeout_stops_master_and_fails(fake, notify, helpers):
