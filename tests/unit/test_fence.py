@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from cyrushelper import exitcodes, fence
+from cyrushelper import exitcodes, fence, proc
 from cyrushelper.config import Instance
 from tests.unit.test_supervisor_fakes import FakeCyrus
 from tests.bounds import upper
@@ -133,7 +133,7 @@ def test_stop_with_a_running_master_writes_the_fence(fake):
             time.sleep(0.02)
         r = _stop(fake, "--grace", "0")
     finally:
-        master.kill()
+        proc.kill_session(master.pid)   # master and the children it forked (they outlive a lone master)
         master.wait()
     assert r.returncode == 0, r.stderr
     assert (fake.config / "msg" / "shutdown").exists()
