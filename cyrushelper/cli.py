@@ -21,7 +21,7 @@ log = logging.getLogger("cyrushelper")
 # main(args) -> exit code; a module that does not exist yet makes the subcommand refuse with exit 2.
 SUBCOMMANDS = {
     "generate": ("cyrushelper.render", "render systemd units for an instance from imapd.conf/cyrus.conf"),
-    "run": ("cyrushelper.supervisor", "run Cyrus master as a Type=notify service (the unit's ExecStart)"),
+    "run": ("cyrushelper.run", "run the instance as a Type=notify service: Cyrus master, or socket mode's workers (the unit's ExecStart)"),
     "stop": ("cyrushelper.fence", "fence new sessions and give open ones a grace period (ExecStop)"),
     "drain": ("cyrushelper.drain", "replicate every pending sync log of every channel (ExecStopPost)"),
     "status": ("cyrushelper.status", "show master, replication backlog and last stop of an instance"),
@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "canary": ("cyrushelper.canary", "deliver one canary message by LMTP and say where it landed (UID, GUID)"),
     "mailboxes": ("cyrushelper.mailboxes", "per-mailbox facts of an instance, read from its index files "
                                            "(what the switchover proof compares)"),
+    "worker": ("cyrushelper.worker", "run a Cyrus service on a socket systemd holds (socket mode's worker units)"),
 }
 
 

@@ -4,6 +4,9 @@ version `master -V` reports, never assumed.
 
 - `master.ready` (option master_ready_file): master creates it just before its accept loop since
   3.10; older masters never do, so readiness is then judged by probing the listeners (probe.py).
+- Which program a cyrus.conf command runs (`resolve_command`): master runs a relative name from
+  its binary directory; Debian's `/usr/sbin/cyrus NAME` wrapper runs NAME, cyr_NAME or ctl_NAME
+  from there (and `check` is chk_cyrus), so Debian's `cyrus expire` is cyr_expire.
 """
 
 from __future__ import annotations
@@ -52,3 +55,24 @@ def master_version(master: os.PathLike | str | None = None) -> Version | None:
 def has_ready_file(version: Version | None) -> bool:
     """master.ready (option master_ready_file, created before the accept loop) exists since 3.10."""
     return version is not None and version >= (3, 10)
+
+
+DEBIAN_WRAPPER = "cyrus"
+
+
+def resolve_command(words: list[str], bindir: Path | None = None) -> tuple[str, ...]:
+    """The command as the program that really runs, by absolute path, and its arguments;
+    LookupError naming what was looked for when no such executable exists."""
+    directory = bindir or bin_dir()
+    if len(words) > 1 and os.path.basename(words[0]) == DEBIAN_WRAPPER:
+        name, rest = words[1], words[2:]
+        candidates = [directory / name, directory / f"cyr_{name}", directory / f"ctl_{name}"]
+        if name == "check":
+            candidates.append(directory / "chk_cyrus")
+    else:
+        name, rest = words[0], words[1:]
+        candidates = [Path(name) if name.startswith("/") else directory / name]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return (str(candidate), *rest)
+    raise LookupError(" nor ".join(str(c) for c in candidates))

@@ -24,6 +24,11 @@ def probe_listener(listen: Listen, want_greeting: bool, timeout: float = 2.0) ->
     family, address = listen.connect_address()
     if family != socket.AF_UNIX and address[1] is None:
         return f"unknown port {listen.port!r}"
+    return probe_address(family, address, want_greeting, timeout)
+
+
+def probe_address(family: int, address: object, want_greeting: bool, timeout: float = 2.0) -> str | None:
+    """None if a connect to `address` succeeds (and a greeting arrives when expected), else why not."""
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)

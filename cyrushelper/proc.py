@@ -5,7 +5,7 @@ daemon and forked `sync_client -r` stays in that session, so "the session" is th
 a stop must wait for. Every child cyrushelper starts gets a session of its own for the same reason.
 Nothing here ever selects a process by name.
 
-- /proc: info, alive, catches, cmdline, children, session_members, pids
+- /proc: info, alive, catches, cmdline, children, session_members, pids, unit_of, start_time
 - signals by PID: signal_pids, kill_session; ending a child: terminate (SIGTERM, grace, SIGKILL)
 - Loop: a selector woken by file descriptors, signals and other threads, for every command that
   waits (run's supervisor, the drain, `watch`)
@@ -100,6 +100,42 @@ def session_members(sid: int, include_zombies: bool = False) -> list[int]:
     """Every process of session `sid` (the leader included while it exists)."""
     return sorted(p.pid for p in all_processes()
                   if p.sid == sid and (include_zombies or not p.zombie))
+
+
+def unit_of(pid: int) -> str | None:
+    """The systemd unit whose cgroup holds PID (the last component of its cgroup v2 path, when
+    that names a .service), None if it vanished or is not in a service's cgroup."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    name = line.rstrip("\n").rsplit("/", 1)[-1]
+                    return name if name.endswith(".service") else None
+    except OSError:
+        pass
+    return None
+
+
+def unit_members(units: set[str] | frozenset[str]) -> dict[int, str]:
+    """{pid: unit} of every live process in the cgroup of one of `units` (socket mode's workers)."""
+    found = {}
+    for p in all_processes():
+        if not p.zombie:
+            unit = unit_of(p.pid)
+            if unit in units:
+                found[p.pid] = unit
+    return found
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the PID,
+    it names one process for good, where a PID alone may be reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("utf-8", "replace")
+        return int(raw[raw.rfind(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def signal_pids(pids: list[int], sig: int) -> list[int]:

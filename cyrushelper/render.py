@@ -7,6 +7,11 @@ The output is meant to be copied as-is into /etc/systemd/system:
     cyrus@NAME.service.d/cyrushelper.conf      this instance: config paths, writable paths, ordering
     cyrus.service.wants/cyrus@NAME.service     symlink: `systemctl start cyrus` starts this instance
 
+With `--listeners systemd` (socket mode, listeners.py has the mapping) the drop-in also wires the
+instance to its parts, rendered beside it: cyrus-NAME-start.service, one cyrus-NAME-SERVICE.socket
+and cyrus-NAME-SERVICE@.service (worker template) per SERVICES address, cyrus-NAME-DAEMON.service
+per DAEMON entry, cyrus-NAME-event-EVENT.timer/.service per EVENTS entry.
+
 Every regular file carries a header with the SHA-256 of its body. Re-rendering overwrites a file only
 while its body still matches that hash; a file edited by hand (or not written by us) is refused
 unless --force. All or nothing: everything is rendered and checked in memory first (configuration,
@@ -30,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from cyrushelper import arguments, atomic, channels, exitcodes, role
+from cyrushelper import arguments, atomic, channels, exitcodes, listeners, role, state
 from cyrushelper.atomic import InstallError, install_all
 from cyrushelper.channels import hostless_channels, hostless_message
 from cyrushelper.config import DEFAULT_IMAPD_CONF, ConfigError, Instance
@@ -42,7 +47,10 @@ HASH_TAG = "# cyrushelper-sha256: "
 # top-level templates/, see setup.cfg), so wheels, editable installs and distribution packages all
 # find them the same way.
 TEMPLATE_PACKAGE = "cyrushelper.templates"
-TEMPLATES = ("cyrus@.service.j2", "cyrus.service.j2", "cyrushelper.conf.j2")
+TEMPLATES = ("cyrus@.service.j2", "cyrus.service.j2", "cyrushelper.conf.j2",
+             # socket mode (--listeners systemd), and the sandbox its Cyrus processes share
+             "socket-start.service.j2", "socket-listener.socket.j2", "socket-worker@.service.j2",
+             "socket-daemon.service.j2", "socket-event.service.j2", "socket-event.timer.j2", "_cyrus-process.j2")
 
 # Instance names end up in unit names and file names: keep them to what needs no escaping.
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -233,6 +241,23 @@ def helper_command(helper: str | None, home_writable: bool = False) -> str:
     return " ".join([str(program), *words[1:]])
 
 
+def worker_command(helper_cmd: str) -> str:
+    """How socket mode's worker units start the fd wrapper: `PYTHON -I -m cyrushelper.worker` when
+    the helper is `PYTHON -m cyrushelper` or a Python script (its #! names the interpreter), which
+    skips the CLI's imports at every worker start (15 ms instead of 41, worker.py); else
+    `HELPER worker`."""
+    words = helper_cmd.split(" ")
+    if words[1:] == ["-m", "cyrushelper"]:
+        interpreter = PurePosixPath(words[0])
+    elif len(words) == 1:
+        interpreter = _interpreter(PurePosixPath(words[0]))
+    else:
+        interpreter = None
+    if interpreter is not None and interpreter.name.startswith("python") and _SAFE_PATH_RE.fullmatch(str(interpreter)):
+        return f"{interpreter} -I -m cyrushelper.worker"
+    return f"{helper_cmd} worker"
+
+
 def _writable(path: str | os.PathLike, where: tuple[str, int | None], option: str | None) -> PurePosixPath:
     """A path for ReadWritePaths=: safe for a unit file, and not a whole system directory."""
     checked = _safe_path(path, where)
@@ -261,9 +286,11 @@ def uses_saslauthd(inst: Instance) -> bool:
 
 def render(inst: Instance, helper: str | None = None, *, replica_instance: str | None = None,
            unit_imapd_conf: str | None = None, unit_cyrus_conf: str | None = None,
-           templates: dict[str, tuple[str, str]] | None = None, initial_role: str | None = None) -> list[RenderedFile]:
+           templates: dict[str, tuple[str, str]] | None = None, initial_role: str | None = None,
+           socket_plan: listeners.Plan | None = None) -> list[RenderedFile]:
     """Every file of the output, in memory. Raises ConfigError before anything is written.
-    `helper`: the --helper path (None: the running cyrushelper)."""
+    `helper`: the --helper path (None: the running cyrushelper). `socket_plan`: socket mode's
+    parts (listeners.plan()); None renders master mode."""
     name = check_instance_name(inst.name)
     if replica_instance is not None:
         check_instance_name(replica_instance, "--replica-instance")
@@ -273,6 +300,9 @@ def render(inst: Instance, helper: str | None = None, *, replica_instance: str |
     primary_cyrus = inst.cyrus_by_role.get("primary", inst.cyrus)
     cyrus_conf = _safe_path(unit_cyrus_conf or os.path.abspath(primary_cyrus.path), ("--cyrus-conf", None))
     replica_cyrus_conf = None
+    if inst.switchable and socket_plan is not None:
+        raise ConfigError("--replica-cyrus-conf", None, "a switchable instance runs Cyrus master (its role "
+                                                        "chooses master's cyrus.conf): not with --listeners systemd")
     if inst.switchable:
         role.check_switchable(inst)
         if initial_role not in role.ROLES:
@@ -299,6 +329,7 @@ def render(inst: Instance, helper: str | None = None, *, replica_instance: str |
     env = _environment(templates)
     context = {
         "helper": helper_cmd,
+        "worker_command": worker_command(helper_cmd),
         "instance": name,
         "imapd_conf": str(imapd_conf),
         "cyrus_conf": str(cyrus_conf),
@@ -309,24 +340,51 @@ def render(inst: Instance, helper: str | None = None, *, replica_instance: str |
         "writable_paths": [(str(w.path), w.required) for w in paths],
         "runtime_dirs": volatile,
         "cyrus_user": cyrus_user,
+        "cyrus_group": cyrus_group,
         "cyrus_owner": f"{cyrus_user}:{cyrus_group or ''}",
         "home_writable": home_writable,
         "uses_saslauthd": uses_saslauthd(inst),
+        "plan": socket_plan,
+        "fence_file": str(_safe_path(inst.fence_file, inst.imapd.where("configdirectory"))),
+        "workers_dir": str(_safe_path(state.workers_dir(inst.imapd.configdirectory),
+                                      inst.imapd.where("configdirectory"))),
     }
 
-    def file(relpath: str, template: str) -> RenderedFile:
+    def file(relpath: str, template: str, **extra) -> RenderedFile:
         try:
-            body = env.get_template(template).render(context)
+            body = env.get_template(template).render(context, **extra)
         except jinja2.TemplateError as e:
             raise _template_error(templates, template, e) from None
         return RenderedFile(relpath, text=header(template, body) + body)
 
-    return [
+    files = [
         file("cyrus@.service", "cyrus@.service.j2"),
         file("cyrus.service", "cyrus.service.j2"),
         file(f"cyrus@{name}.service.d/cyrushelper.conf", "cyrushelper.conf.j2"),
         RenderedFile(f"cyrus.service.wants/cyrus@{name}.service", link_target="../cyrus@.service"),
     ]
+    if socket_plan is not None:
+        files += _socket_mode_files(socket_plan, file, inst)
+    return files
+
+
+def _socket_mode_files(plan: listeners.Plan, file, inst: Instance) -> list[RenderedFile]:
+    for argv in [a for _, a in plan.start] + [p.argv for p in plan.pools] + \
+            [d.argv for d in plan.daemons] + [e.argv for e in plan.events]:
+        for word in argv:  # the words go into Exec*= lines as they are
+            if not re.fullmatch(r"[A-Za-z0-9_.+,:=@/-]+", word):
+                raise ConfigError(inst.cyrus.path, None, f"command word {word!r} holds characters "
+                                                         "systemd unit files would interpret")
+    files = [file(plan.start_unit, "socket-start.service.j2")]
+    for pool in plan.pools:
+        files.append(file(pool.socket_unit, "socket-listener.socket.j2", pool=pool))
+        files.append(file(pool.worker_template, "socket-worker@.service.j2", pool=pool))
+    for daemon in plan.daemons:
+        files.append(file(daemon.unit, "socket-daemon.service.j2", daemon=daemon))
+    for event in plan.events:
+        files.append(file(event.unit, "socket-event.service.j2", event=event))
+        files.append(file(event.timer, "socket-event.timer.j2", event=event))
+    return files
 
 
 def _template_error(templates: dict[str, tuple[str, str]], template: str, e: jinja2.TemplateError) -> ConfigError:
@@ -441,6 +499,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "(default: --imapd-conf, made absolute)")
     parser.add_argument("--unit-cyrus-conf", metavar="PATH",
                         help="cyrus.conf path written into the unit (default: --cyrus-conf, made absolute)")
+    parser.add_argument("--listeners", choices=listeners.MODES, default="master",
+                        help="who holds the listening sockets: master = Cyrus master binds them (default); "
+                             "systemd = socket mode, systemd holds them and runs each service as a pool "
+                             "of worker units, so a restart refuses no connection")
+    parser.add_argument("--workers", action="append", metavar="SERVICE=N",
+                        help="socket mode: N workers for the SERVICES entry SERVICE (repeatable; default "
+                             "maxchild, else max(prefork, %d))" % listeners.DEFAULT_POOL)
     parser.add_argument("--templates", metavar="DIR", help="template directory (default: the templates installed with cyrushelper)")
     parser.add_argument("--force", action="store_true",
                         help="replace output files even if they were edited by hand")
@@ -451,11 +516,23 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     check_output(output)
     inst = arguments.load_instance(args)
+    socket_plan = None
+    if args.listeners == "systemd":
+        try:
+            workers = listeners.parse_workers(args.workers)
+        except ValueError as e:
+            raise ConfigError("--workers", None, str(e)) from None
+        socket_plan = listeners.plan(inst, workers)
+        for note in socket_plan.notes:
+            log.warning("%s", note)
+    elif args.workers:
+        raise ConfigError("--workers", None, "--workers sizes socket mode's pools: add --listeners systemd")
     try:
         written = generate(inst, output, args.helper, force=args.force,
                            replica_instance=args.replica_instance,
                            unit_imapd_conf=args.unit_imapd_conf, unit_cyrus_conf=args.unit_cyrus_conf,
-                           templates=load_templates(args.templates), initial_role=args.initial_role or None)
+                           templates=load_templates(args.templates), initial_role=args.initial_role or None,
+                           socket_plan=socket_plan)
     except OutputConflict as e:
         print(f"cyrushelper generate: {e}", file=sys.stderr)
         return exitcodes.FAILURE

@@ -34,6 +34,9 @@
 - `switchover.json`: an unfinished switchover of which this instance is the old primary (the
   persisted state machine of switchover.py); `last-switchover.json` once it finished.
 - `drain[.CHANNEL].lock`: the drainers' channel locks (locks.py takes them; they live here).
+- `workers/` (socket mode): one status file per worker slot, written by Cyrus itself through the
+  worker wrapper (worker.py has the format), and `listeners.json`: the running socket-mode
+  supervisor (PID and start time) and its pools, for `status`.
 
 The directory lives outside the sync directories, where Cyrus never looks. Every write is atomic
 (cyrushelper.atomic): a crash leaves the old or the new file, never half.
@@ -56,6 +59,8 @@ SYNC_LOG_FAILURE = "sync-log-failure.json"
 RECONCILE_MARKERS = (UNCLEAN_STOP, SYNC_LOG_FAILURE)
 LAST_STOP = "last-stop.json"
 LAST_DRAIN = "last-drain.json"
+WORKERS = "workers"
+LISTENERS = "listeners.json"
 LAST_RECONCILE = "last-reconcile.json"
 RUN = "run.json"
 ROLE = "role.json"
@@ -85,6 +90,10 @@ def ensure_directory(configdirectory: os.PathLike | str) -> Path:
         path.mkdir(mode=0o750, exist_ok=True)
         give_to_owner_of(path, configdirectory)
     return path
+
+
+def workers_dir(configdirectory: os.PathLike | str) -> Path:
+    return directory(configdirectory) / WORKERS
 
 
 def state_dir(instance: Instance) -> Path:
@@ -279,6 +288,25 @@ def last_drain(instance: Instance) -> dict | None:
     return read_json(state_dir(instance) / LAST_DRAIN)
 
 
+def record_listeners(instance: Instance, data: dict) -> None:
+    write_json_atomic(ensure_state_dir(instance) / LISTENERS, {"time": now_iso(), **data})
+
+
+def listeners(instance: Instance) -> dict | None:
+    return read_json(state_dir(instance) / LISTENERS)
+
+
+def clear_listeners(instance: Instance) -> bool:
+    """Forget socket mode (a master-mode start): `status` then reports master again."""
+    return _remove(state_dir(instance) / LISTENERS)
+
+
+def _remove(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
 # --------------------------------------------------------------------------- role and switchover
 
 def read_role(configdirectory: os.PathLike | str) -> dict | None:

@@ -6,6 +6,10 @@ status exit codes (LSB-like, for scripts and monitoring):
   3  master is not running (the report still shows backlog, last stop, markers and problems)
  78  configuration error
 
+In socket mode (an instance whose `run --listeners systemd` recorded itself in the state
+directory, state.py) "master" is that process, and `services` shows per SERVICES address its
+socket, whether it serves, its workers (busy, idle, down: from the messages Cyrus writes to each
+worker's status file, worker.py) and the connections they served since the instance started.
 Problems (`problems` in --json, a PROBLEM line each in the text), whether master runs or not: the
 sync-log-failure marker (the unclean-stop marker has its own UNCLEAN STOP lines), a sync file system that is full, read-only
 or below --space-warn, a channel directory with events that sync_log_channels no longer names, a
@@ -22,10 +26,10 @@ import signal
 import sys
 import time
 
-from cyrushelper import arguments, channels, exitcodes, fence, proc, role, state, synclog
+from cyrushelper import arguments, channels, exitcodes, fence, listeners, proc, role, state, synclog, worker
 from cyrushelper.channels import rolling_channels
 from cyrushelper.config import ConfigError, Instance
-from cyrushelper.probe import probe_all
+from cyrushelper.probe import probe_address, probe_all
 from cyrushelper.syncwatch import DirWatch
 
 log = logging.getLogger("cyrushelper.status")
@@ -71,20 +75,33 @@ def problems(instance: Instance, space_warn: float = synclog.DEFAULT_SPACE_WARN)
 
 
 def collect(instance: Instance, probe: bool = True) -> dict:
+    sockets = state.listeners(instance)
+    if sockets is not None and sockets.get("mode") == "systemd":
+        return _finish(instance, _socket_mode(instance, sockets, probe))
     pid = proc.running_master(instance.pid_file)
-    rolling = rolling_channels(instance)
     report: dict = {
         "instance": instance.name,
+        "mode": "master",
         "master": {
             "pid_file": str(instance.pid_file),
             "pid": pid if pid is not None else proc.read_pid_file(instance.pid_file),
             "running": pid is not None,
             "processes": len(proc.session_members(pid)) if pid is not None else 0,
         },
+        **_common(instance),
+        "sessions": len(fence.sessions(instance)) if pid is not None else 0,
+    }
+    if pid is not None and probe:
+        report["listeners"] = {name: ("ok" if err is None else err)
+                               for name, err in probe_all(instance, timeout=1.0).items()}
+    return _finish(instance, report)
+
+
+def _common(instance: Instance) -> dict:
+    return {
         "listeners": {},
         "channels": [],
         "fence": {"path": str(instance.fence_file), "present": fence.fence_present(instance)},
-        "sessions": len(fence.sessions(instance)) if pid is not None else 0,
         "unclean_stop": state.unclean_stop(instance),
         "sync_log_failure": state.sync_log_failure(instance),
         "last_reconcile": state.last_reconcile(instance),
@@ -103,9 +120,59 @@ def collect(instance: Instance, probe: bool = True) -> dict:
         "last_switchover": state.last_switchover(instance.imapd.configdirectory),
         **role_report(instance),
     }
-    if pid is not None and probe:
-        report["listeners"] = {name: ("ok" if err is None else err)
-                               for name, err in probe_all(instance, timeout=1.0).items()}
+
+
+def _socket_mode(instance: Instance, recorded: dict, probe: bool) -> dict:
+    pid = recorded.get("pid")
+    running = isinstance(pid, int) and proc.alive(pid) and proc.start_time(pid) == recorded.get("start_time")
+    report = {
+        "instance": instance.name,
+        "mode": "systemd",
+        "master": {"pid": pid, "running": running, "unit": recorded.get("unit"),
+                   "what": "run --listeners systemd (no Cyrus master in socket mode)"},
+        **_common(instance),
+        "sessions": len(fence.sessions(instance)) if running else 0,
+        "services": [],
+    }
+    pools = recorded.get("pools", [])
+    running_units = set(proc.unit_members(frozenset(u for p in pools for u in p.get("workers", []))).values())
+    for pool in pools:
+        slots = [slot_state(path, unit in running_units)
+                 for path, unit in zip(pool.get("status_files", []), pool.get("workers", []))]
+        entry = {
+            "service": pool.get("service"), "socket": pool.get("socket"), "listen": pool.get("listen"),
+            "serves": None,
+            "workers": {"total": len(slots), **{k: sum(1 for s in slots if s["state"] == k)
+                                                 for k in ("busy", "idle", "down")}},
+            "connections_served": sum(s["served"] for s in slots),
+        }
+        if running and probe and pool.get("stream"):
+            error = probe_address(*_connect_address(pool.get("listen", "")), pool.get("greets", False), 1.0)
+            entry["serves"] = "ok" if error is None else error
+            report["listeners"][f"{entry['service']} {entry['listen']}"] = entry["serves"]
+        report["services"].append(entry)
+    return report
+
+
+def slot_state(path: str, unit_running: bool) -> dict:
+    """One worker slot: busy (in a connection), idle, or down (its unit runs no process), from the
+    messages its Cyrus process wrote to the status file (empty until its first connection)."""
+    records = worker.read_records(path)
+    served = worker.read_served(path) + sum(1 for message, _ in records if message == worker.CONNECTION)
+    last_alive = bool(records) and proc.alive(records[-1][1])
+    if not (unit_running or last_alive):
+        return {"state": "down", "served": served}
+    # UNAVAILABLE last: between accept() and CONNECTION, or on its way out: not free either
+    busy = last_alive and records[-1][0] != worker.AVAILABLE
+    return {"state": "busy" if busy else "idle", "served": served}
+
+
+def _connect_address(listen: str) -> tuple[int, object]:
+    return listeners.Address("ListenStream", listen).connect_address()
+
+
+def _finish(instance: Instance, report: dict) -> dict:
+    rolling = rolling_channels(instance)
     for channel in instance.channels:
         b = synclog.backlog(channel)
         report["channels"].append({
@@ -153,14 +220,25 @@ def format_text(report: dict) -> str:
         lines.append(f"  UNFINISHED SWITCHOVER {so.get('id', '?')} to {so.get('to', {}).get('target', '?')}: "
                      f"last step {so.get('step', '?')} ({so.get('state', '?')}); run "
                      "`cyrushelper switchover --resume` or `--abort`")
-    if m["running"]:
+    if report.get("mode") == "systemd":
+        state_text = f"PID {m['pid']}" if m["running"] else "not running"
+        lines.append(f"  socket mode (systemd holds the sockets, no master): {m['unit']} {state_text}, "
+                     f"{report['sessions']} client sessions")
+    elif m["running"]:
         lines.append(f"  master: PID {m['pid']}, {m['processes']} processes in its session, "
                      f"{report['sessions']} client sessions")
     else:
         stale = f" (stale PID {m['pid']} in {m['pid_file']})" if m["pid"] else ""
         lines.append(f"  master: not running{stale}")
+    for s in report.get("services", []):
+        w = s["workers"]
+        serves = f", {s['serves']}" if s["serves"] not in (None, "ok") else ""
+        lines.append(f"  service {s['service']} on {s['listen']} ({s['socket']}{serves}): workers {w['busy']} busy, "
+                     f"{w['idle']} idle, {w['down']} down of {w['total']}; {s['connections_served']} "
+                     "connections served")
     for name, result in report["listeners"].items():
-        lines.append(f"  listener {name}: {result}")
+        if "services" not in report:
+            lines.append(f"  listener {name}: {result}")
     if not report["channels"]:
         lines.append("  replication: no sync channel (sync_log off)")
     for c in report["channels"]:

@@ -475,10 +475,18 @@ class Supervisor:
                 log.warning("leftover drain ended with %s; events kept for the next drain", codes)
 
     # -- the running phase
+    def gone(self) -> bool:
+        """Whether what we supervise ended on its own (master exited)."""
+        return self.master_exit() is not None
+
+    def reload(self) -> None:
+        log.info("SIGHUP: asking master to re-read its configuration")
+        proc.signal_pids([self.master_pid], signal.SIGHUP)
+
     def serve(self) -> tuple[str, int | None]:
         """Run until a stop signal ('stop', signum) or master's own exit ('died', None)."""
         while True:
-            if self.master_exit() is not None:
+            if self.gone():
                 return "died", None
             for name, job in list(self.jobs.items()):
                 if job.done:
@@ -500,8 +508,7 @@ class Supervisor:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     return "stop", signum
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: asking master to re-read its configuration")
-                    proc.signal_pids([self.master_pid], signal.SIGHUP)
+                    self.reload()
 
     # -- stop
     def stop(self, reason: str) -> dict:
@@ -623,6 +630,7 @@ class Supervisor:
             log.warning("unclean-stop marker present: %s", state.describe_unclean(marker))
         if fence.remove_fence(self.instance):
             log.info("removed a stale fence %s (left by an earlier stop)", self.instance.fence_file)
+        state.clear_listeners(self.instance)  # master mode now, whatever ran before
         use_ready_file = cyrus.has_ready_file(cyrus.master_version(master))
         if use_ready_file:
             try:
@@ -735,6 +743,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "record it")
 
 
+def options_from(args: argparse.Namespace) -> Options:
+    return Options(start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
+                   master_alone_grace=args.master_alone_grace,
+                   status_interval=args.status_interval, reconcile=args.reconcile,
+                   reconcile_timeout=args.reconcile_timeout,
+                   leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout,
+                   space_warn=args.space_warn)
+
+
 def main(args: argparse.Namespace) -> int:
     files = arguments.instance_files(args)
     if files.switchable:
@@ -753,12 +770,7 @@ def main(args: argparse.Namespace) -> int:
         return exitcodes.USAGE
     else:
         instance = arguments.load_instance(args, warn=True)
-    options = Options(start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
-                      master_alone_grace=args.master_alone_grace,
-                      status_interval=args.status_interval, reconcile=args.reconcile,
-                      reconcile_timeout=args.reconcile_timeout,
-                      leftover_drain=args.leftover_drain == "auto", drain_timeout=args.drain_timeout,
-                      space_warn=args.space_warn)
+    options = options_from(args)
     try:
         return Supervisor(instance, options).run()
     except StartRefused as e:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bootstrap: run as root (installs Debian packages)" >&2; exit 1; }
 SDV=$(dpkg-query -W -f='${Version}' systemd)
 # Cyrus + SASL tools for the lab pair; pop3d/nntpd/httpd, which Debian's own cyrus.conf names (the
-# install test runs it untouched); nspawn for the throwaway systemd; libsystemd-dev etc. to build
+# install test runs it untouched, socket mode renders it); nspawn for the throwaway systemd; libsystemd-dev etc. to build
 # systemd-python; debhelper..lintian build and check the Debian package, rpm..python3-installer the
 # Fedora one (tests/system/test_packaging_{deb,rpm}.py); debootstrap builds the other Debian
 # release's root for its containers (testbed/images.py); openssh-server gives the two-host

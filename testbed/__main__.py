@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--users", default="alice,bob")
             p.add_argument("--pause", type=float, default=0.0, help="seconds between messages per user")
             p.add_argument("--stats", help="write the final statistics (JSON) to this file")
+            p.add_argument("--connection-per-message", action="store_true",
+                           help="a new LMTP connection for every message (an MTA without caching)")
             p.add_argument("--hold-user", help="add a slow sender to this user: one message whose body "
                                                "stops half-way until --hold-until exists")
             p.add_argument("--hold-until", help="file whose appearance lets the held body go on")
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                         marker=Path(args.record[0] + ".holding"))
         load = LmtpLoad(pair.ports.primary_lmtp, args.users.split(","), args.record[0],
                         max_seconds=args.seconds, max_messages=10**7, pause=args.pause, hold=hold,
-                        endpoints=endpoints or None).start()
+                        endpoints=endpoints or None, connection_per_message=args.connection_per_message).start()
         while load.running and not stopped.wait(0.2):
             pass
         stats = json.dumps({**load.stop().as_dict(), "refusals": [t for t, _ in load.refusals],

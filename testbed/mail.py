@@ -178,6 +178,7 @@ class LmtpClient:
     def __init__(self, port: int, host: str = LOOPBACK, timeout: float = 10.0):
         self.port, self.host, self.timeout = port, host, timeout
         self.conn: smtplib.LMTP | None = None
+        self.greeting_wait = 0.0   # connect to 220 greeting, of the current connection
 
     def attempt(self, rcpt: str, body: bytes, mid_body=None) -> str:
         """Deliver `body` (CRLF lines, no line starting with '.') to `rcpt`; one of OUTCOMES.
@@ -185,7 +186,9 @@ class LmtpClient:
         stage = "connect"
         try:
             if self.conn is None:
+                t0 = time.monotonic()
                 self.conn = smtplib.LMTP(self.host, self.port, timeout=self.timeout)
+                self.greeting_wait = time.monotonic() - t0
                 stage = "lhlo"
                 code, _ = self.conn.ehlo()  # LHLO for smtplib.LMTP
                 if code != 250:
@@ -256,6 +259,7 @@ class LoadStats:
     per_user: dict[str, int] = field(default_factory=dict)
     held: str | None = None  # outcome of the held message's first attempt (Hold)
     seconds: float = 0.0
+    max_greeting_wait: float = 0.0   # longest connect-to-greeting time of an acknowledged message
 
     @property
     def attempts(self) -> int:
@@ -268,7 +272,8 @@ class LoadStats:
     def as_dict(self) -> dict:
         return {"messages": self.messages, "acknowledged": self.acknowledged, "queued": self.queued,
                 "attempts": self.attempts, "cut_mid_way": self.cut_mid_way, "outcomes": dict(self.outcomes),
-                "per_user": dict(self.per_user), "held": self.held, "seconds": round(self.seconds, 3)}
+                "per_user": dict(self.per_user), "held": self.held, "seconds": round(self.seconds, 3),
+                "max_greeting_wait": round(self.max_greeting_wait, 3)}
 
 
 class LmtpLoad:
@@ -283,7 +288,7 @@ class LmtpLoad:
     def __init__(self, port: int, users: list[str], record: os.PathLike | str, host: str = LOOPBACK,
                  max_messages: int = 20000, max_seconds: float = 60.0, tag: str | None = None,
                  pause: float = 0.0, hold: Hold | None = None,
-                 endpoints: list[tuple[str, int]] | None = None):
+                 endpoints: list[tuple[str, int]] | None = None, connection_per_message: bool = False):
         if not users:
             raise ValueError("LmtpLoad needs at least one user")
         self.port = port
@@ -299,6 +304,7 @@ class LmtpLoad:
         self.tag = tag or f"load{os.getpid()}x{int(time.time() * 1000) % 10**9}"
         self.pause = pause
         self.hold = hold
+        self.connection_per_message = connection_per_message
         self.stats = LoadStats(per_user={u: 0 for u in self.users + ([hold.user] if hold else [])})
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -332,6 +338,14 @@ class LmtpLoad:
             pass
         self._stop.wait(self.hold.extra)
 
+    def _acknowledge(self, user: str, mid: str, greeting_wait: float) -> None:
+        self._record.add(user, mid)
+        with self._lock:
+            self.ack_times.append(time.time())
+            self.stats.acknowledged += 1
+            self.stats.per_user[user] += 1
+            self.stats.max_greeting_wait = max(self.stats.max_greeting_wait, greeting_wait)
+
     def _refused(self, what: str) -> None:
         with self._lock:
             self.refusals.append((time.time(), what))
@@ -356,11 +370,9 @@ class LmtpLoad:
                 if holding and self._hold_reached.is_set():
                     self.stats.held = outcome
             if outcome == "acknowledged":
-                self._record.add(user, mid)
-                with self._lock:
-                    self.ack_times.append(time.time())
-                    self.stats.acknowledged += 1
-                    self.stats.per_user[user] += 1
+                self._acknowledge(user, mid, client.greeting_wait)
+                if self.connection_per_message:
+                    client.quit()   # an MTA without connection caching: one message per connection
                 pending, backoff = None, 0.05
                 if held:
                     break  # the slow sender had one message

@@ -112,14 +112,16 @@ class LabSystem:
         return self
 
     def install_cyrushelper_units(self, *, replica_local: bool = True,
-                                  extra_dropin: dict[str, str] | None = None) -> None:
+                                  extra_dropin: dict[str, str] | None = None, listeners: str = "master") -> None:
         """cyrus@primary + cyrus@replica (+ the umbrella cyrus.service) the README's way: `generate`
         by the installed helper (which then renders its own path), `cp -R OUT/. /etc/systemd/system/`,
-        daemon-reload. `extra_dropin`: tuning drop-ins, as `systemctl edit cyrus@NAME` would write."""
+        daemon-reload. `extra_dropin`: tuning drop-ins, as `systemctl edit cyrus@NAME` would write.
+        `listeners`: `generate --listeners` (master, or systemd for socket mode)."""
         for which in ("replica", "primary"):
             out = self.workdir / f"units-{which}"
             args = ["generate", "--imapd-conf", str(self.pair.imapd_conf(which)),
-                    "--cyrus-conf", str(self.pair.cyrus_conf(which)), "--instance", which, "--output", str(out)]
+                    "--cyrus-conf", str(self.pair.cyrus_conf(which)), "--instance", which, "--output", str(out),
+                    "--listeners", listeners]
             if which == "primary" and replica_local:
                 args += ["--replica-instance", "replica"]
             r = self.cyrushelper(*args, timeout=60)
@@ -156,17 +158,19 @@ class LabSystem:
             raise RuntimeError(f"systemctl start {' '.join(units)} failed: {r.stderr}\n{journal}")
 
     def start_load(self, seconds: float = 60, users: str = "alice,bob", pause: float = 0.0,
-                   hold_user: str | None = None) -> tuple[str, Path]:
+                   hold_user: str | None = None, connection_per_message: bool = False) -> tuple[str, Path]:
         """LMTP load on the primary as a transient unit; returns (unit, record file). The load
-        retries like an MTA and counts every attempt (load_stats() once stopped). `hold_user` adds
-        a slow sender whose body is still arriving when the primary's fence goes up (it goes on
-        1 s later; `record.holding` exists once it waits)."""
+        retries like an MTA and counts every attempt: its final counts (LoadStats.as_dict(), by
+        outcome) land in `<record>.stats` once the unit stopped (load_stats()). `hold_user` adds a
+        slow sender whose body is still arriving when the primary's fence goes up (it goes on 1 s
+        later; `record.holding` exists once it waits)."""
         self._loads += 1
         unit = f"lab-load-{self._loads}.service"
         record = self.workdir / f"load-{self._loads}.record"
         hold = ["--hold-user", hold_user, "--hold-until", str(self.instance().fence_file)] if hold_user else []
-        self.lab_unit(unit, "load", "--record", str(record), "--stats", str(self._stats_path(record)),
-                      "--seconds", str(seconds), "--users", users, "--pause", str(pause), *hold)
+        self.lab_unit(unit, "load", "--record", str(record), "--seconds", str(seconds), "--users", users,
+                      "--pause", str(pause), "--stats", f"{record}.stats", *hold,
+                      *(["--connection-per-message"] if connection_per_message else []))
         return unit, record
 
     def lab_unit(self, unit: str, command: str, *args: str) -> None:
@@ -176,20 +180,16 @@ class LabSystem:
                    self.python, "-m", "testbed", command, str(self.pair.root),
                    "--port-base", str(self.pair.port_base), *args)
 
+    def load_stats(self, record: Path) -> dict:
+        """The counts a stopped load wrote (see start_load)."""
+        return json.loads(Path(f"{record}.stats").read_text())
+
     def start_relay(self, rate: float) -> tuple[str, Path]:
         """The throttling relay (testbed.relay) on the pair's relay port as a transient unit;
         returns (unit, record file with the bytes forwarded)."""
         unit, record = "lab-relay.service", self.workdir / "relay.record"
         self.lab_unit(unit, "relay", "--record", str(record), "--rate", str(rate))
         return unit, record
-
-    @staticmethod
-    def _stats_path(record: Path) -> Path:
-        return record.with_name(record.name + ".stats.json")
-
-    def load_stats(self, record: Path) -> dict:
-        """What the stopped load saw: testbed.mail.LoadStats.as_dict()."""
-        return json.loads(self._stats_path(record).read_text())
 
     def wait_acknowledged(self, record: Path, count: int, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout

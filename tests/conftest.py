@@ -274,3 +274,23 @@ def until(condition, timeout: float, what: str):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
         time.sleep(0.1)
+
+
+# ---- a Cyrus binary directory of do-nothing programs (socket mode's plan and units) ----
+
+FAKE_CYRUS_PROGRAMS = ("imapd", "lmtpd", "pop3d", "nntpd", "httpd", "timsieved", "notifyd", "sync_client",
+                       "sync_server", "ctl_cyrusdb", "cyr_expire", "tls_prune", "idled", "squatter")
+
+
+@pytest.fixture
+def fake_cyrus_bindir(tmp_path, monkeypatch) -> Path:
+    """Every program Debian's and the lab's cyrus.conf name, as executables that do nothing (the
+    plan resolves them, systemd-analyze verify wants them to exist), found through
+    $CYRUSHELPER_CYRUS_BINDIR."""
+    d = tmp_path / "cyrusbin"
+    d.mkdir()
+    for name in FAKE_CYRUS_PROGRAMS:
+        (d / name).write_text("#!/bin/sh\n")
+        (d / name).chmod(0o755)
+    monkeypatch.setenv("CYRUSHELPER_CYRUS_BINDIR", str(d))
+    return d

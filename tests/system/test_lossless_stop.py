@@ -18,6 +18,11 @@ What the product promises an operator:
 - a drain longer than TimeoutStopSec completes (EXTEND_TIMEOUT_USEC pulses); STATUS= shows the
   live backlog before it;
 - a child that ignores SIGTERM gives a bounded stop, an unclean marker, reported by `status`.
+
+The promises that do not depend on who stops Cyrus's processes hold in socket mode too
+(`generate --listeners systemd`: no master, systemd holds the sockets, the instance's own process
+stops the workers): those tests run in both modes (`mode`). Restarts that keep the sockets are
+tests/system/test_socket_mode.py.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from tests.conftest import PRIMARY, REPLICA, started, until
 pytestmark = [pytest.mark.system,
               pytest.mark.parametrize("release", images.releases_under_test(), indirect=True)]
 
+MODES = ("master", "systemd")  # generate --listeners
+
 
 def _drain_lines(journal: str) -> list[str]:
     return [line for line in journal.splitlines() if "cyrushelper" in line and "drained" in line]
@@ -56,10 +63,11 @@ def _holding(record: Path) -> bool:
 HANG_FIXED = {"trixie"}
 
 
-def test_stop_under_load_is_lossless(lab_factory, release):
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_under_load_is_lossless(lab_factory, release, mode):
     # no rolling sync_client: everything the load delivers waits in the sync log, so the stop's
     # drain has all of it to replicate (lines_before below is the whole load)
-    lab = started(lab_factory(rolling=False))
+    lab = started(lab_factory(rolling=False), listeners=mode)
     assert lab.c.show(PRIMARY, "StatusText")["StatusText"].startswith("backlog")
     load, record = lab.start_load(seconds=120, hold_user="bob")
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300, "load did not get going"
@@ -84,7 +92,7 @@ def test_stop_under_load_is_lossless(lab_factory, release):
     hung = bool(lab.state_file("last-stop.json").get("master_hung_after_children"))
     if release in HANG_FIXED:
         assert not hung, "Cyrus with the #5309 fix hung after its last child"
-    print(f"{release}: stop took {stop.seconds:.2f}s, master hung after its children: {hung}; "
+    print(f"{release}/{mode}: stop took {stop.seconds:.2f}s, master hung after its children: {hung}; "
           f"{report['summary']}; load: {json.dumps(stats)}; drain: {json.dumps(drain)[:400]}")
 
 
@@ -137,8 +145,9 @@ def test_double_sigterm_probe_matches_with_a_debian_style_unit(lab_factory):
           f"{stop.total_left} sync log lines left; load: {json.dumps(stats)}")
 
 
-def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory):
-    lab = started(lab_factory(rolling=True))
+@pytest.mark.parametrize("mode", MODES)
+def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory, mode):
+    lab = started(lab_factory(rolling=True), listeners=mode)
     load, record = lab.start_load(seconds=120)
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
 
@@ -166,10 +175,11 @@ def _sync_log_digests(lab: LabSystem) -> dict[str, str]:
             for channel in lab.instance().channels for p in pending_files(channel)}
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rolling,recovery", [(True, "drain"), (False, "start")])
-def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, rolling, recovery):
-    lab = started(lab_factory(rolling=rolling),
-                   extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_DRAIN_OPTS=--deadline 20\"\n"})
+def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, rolling, recovery, mode):
+    lab = started(lab_factory(rolling=rolling), listeners=mode,
+                  extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_DRAIN_OPTS=--deadline 20\"\n"})
     lab.c.systemctl("stop", REPLICA)
     record = lab.deliver(200, tag="replicadown")
     time.sleep(1.5)  # a rolling sync_client tries (and fails) meanwhile: events must stay anyway
@@ -245,7 +255,8 @@ def test_drain_longer_than_timeout_stop_sec_completes(lab_factory):
           f"{len(extends)} EXTEND pulses, whole stop {stop.seconds:.2f}s")
 
 
-def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory):
+@pytest.mark.parametrize("mode", MODES)
+def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory, mode):
     lab = lab_factory(rolling=True)
     stubborn = lab.workdir / "ignore-term.sh"
     stubborn.write_text("#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 1; done\n")
@@ -255,8 +266,8 @@ def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory):
     conf = conf.replace("DAEMON {\n", "DAEMON {\n" + entry) if "DAEMON {" in conf else conf + f"DAEMON {{\n{entry}}}\n"
     lab.pair.primary_cyrus_conf.write_text(conf)
     stop_timeout = 4
-    started(lab, extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_RUN_OPTS=--stop-timeout "
-                                           f"{stop_timeout}\"\n"})
+    started(lab, listeners=mode, extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_RUN_OPTS="
+                                                         f"--stop-timeout {stop_timeout}\"\n"})
     record = lab.deliver(50, tag="stubborn")
 
     stop = lab.stop(PRIMARY)

@@ -97,6 +97,17 @@ def build_debs(out: Path, box: SystemdContainer | None = None) -> tuple[Path, Pa
     return deb, upgrade
 
 
+@pytest.fixture(scope="session")
+def built_debs():
+    """(the package, its +upgrade1 rebuild), built once per test session."""
+    require_root_and_cyrus()
+    require_debian_build_tools()
+    out = new_workdir("debs")
+    yield build_debs(out / "debs")
+    if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def invocation(box: SystemdContainer, unit: str) -> str:
     return box.show(unit, "InvocationID")["InvocationID"]
 
@@ -141,7 +152,7 @@ def apt_install_offline(box: SystemdContainer, repo: Path, deb: Path) -> str:
 
 
 @pytest.mark.parametrize("release", images.releases_under_test())
-def test_deb_install_upgrade_remove_under_real_systemd(release):
+def test_deb_install_upgrade_remove_under_real_systemd(release, request):
     require_root_and_cyrus()
     require_container_host()
     require_debian_build_tools()
@@ -150,7 +161,10 @@ def test_deb_install_upgrade_remove_under_real_systemd(release):
     try:
         root = images.container_root(release)
         with SystemdContainer(workdir, root=root) as box:
-            deb, upgrade = build_debs(workdir / "debs", box if root is not None else None)
+            # The host's release reuses the session's build (socket mode's upgrade test needs it too);
+            # the other release builds inside its own container, with its own tools.
+            deb, upgrade = (request.getfixturevalue("built_debs") if root is None
+                            else build_debs(workdir / "debs", box))
             lab = LabSystem(box, workdir, rolling=True).create()
             # The host's policy-rc.d (if any) would veto the postinst's restart; the overlay
             # keeps this removal inside the container.

@@ -224,6 +224,54 @@ def test_held_sender_keeps_its_body_open_until_the_file_appears(fake_lmtp, tmp_p
     assert sum(b"To: bob@" in body for body in fake_lmtp.acknowledged) == 1
 
 
+@pytest.mark.parametrize("fake_lmtp", [2], indirect=True)
+def test_load_with_a_connection_per_message_counts_every_outcome(fake_lmtp, tmp_path):
+    # 2 messages per connection are accepted, then 421: with a new connection per message, never
+    load = LmtpLoad(fake_lmtp.port, ["alice", "bob"], tmp_path / "rec", max_messages=12,
+                    connection_per_message=True).start()
+    deadline = time.monotonic() + 20
+    while load.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = load.stop()
+    assert stats.outcomes["acknowledged"] == stats.acknowledged == 12 == len(record_lines(tmp_path / "rec"))
+    assert sum(stats.outcomes.values()) == 12 and stats.max_greeting_wait > 0
+
+
+def test_load_with_a_connection_per_message_classifies_refusals(tmp_path):
+    with socket.socket() as s:  # nobody listens: refused
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    mute = socket.socket()      # accepts, then closes without a greeting: reset
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    stop = threading.Event()
+
+    def hang_up():
+        mute.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                mute.accept()[0].close()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    try:
+        for port, outcome in ((closed_port, "connection_refused"), (mute.getsockname()[1], "lost_before_greeting")):
+            load = LmtpLoad(port, ["alice"], tmp_path / f"rec-{outcome}", max_messages=3,
+                            connection_per_message=True).start()
+            deadline = time.monotonic() + 20   # the one message is retried, like an MTA does
+            while load.stats.attempts < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stats = load.stop()
+            assert stats.outcomes[outcome] == stats.attempts >= 3, stats.outcomes
+            assert stats.acknowledged == 0 and stats.messages == stats.queued == 1
+    finally:
+        stop.set()
+        t.join()
+        mute.close()
+
+
 def test_load_respects_max_seconds(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

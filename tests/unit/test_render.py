@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cyrushelper import atomic, cli, exitcodes, render
+from cyrushelper import atomic, cli, config, exitcodes, listeners, render
 from cyrushelper.config import Instance
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -361,6 +361,129 @@ systemd-analyze verify --man=no --generators=no --root=$L/m ./cyrus@default.serv
     assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out
 
 
+# --------------------------------------------------------------------------- socket mode
+
+@pytest.fixture
+def cyrus_bindir(fake_cyrus_bindir) -> Path:
+    return fake_cyrus_bindir
+
+
+def socket_units(directory: Path) -> list[Path]:
+    """Every unit of an output to lint: the instance, the parts, one instance of each template."""
+    units = [directory / "cyrus.service"]
+    units += sorted(p for p in directory.glob("cyrus@*.service"))
+    for path in sorted(directory.glob("cyrus-*")):
+        units.append(path.with_name(path.name.replace("@.", "@1.")) if "@." in path.name else path)
+    return units
+
+
+def test_socket_mode_debian_rendering(tmp_path, cyrus_bindir):
+    out = tmp_path / "out"
+    assert generate(*DEBIAN_ARGS, "--listeners", "systemd", "--helper", "/usr/bin/cyrushelper",
+                    "--output", str(out)) == 0
+    files = tree(out)
+    services = ("imap", "pop3", "nntp", "http", "lmtpunix", *sieve_sockets(), "notify")
+    events = ("checkpoint", "delprune", "tlsprune", "deleteprune", "expungeprune")
+    assert set(files) == {"cyrus@.service", "cyrus.service", "cyrus@default.service.d/cyrushelper.conf",
+                          "cyrus.service.wants/cyrus@default.service", "cyrus-default-start.service",
+                          *(f"cyrus-default-{s}.socket" for s in services),
+                          *(f"cyrus-default-{s}@.service" for s in services),
+                          *(f"cyrus-default-event-{e}.{k}" for e in events for k in ("service", "timer"))}
+    for rel, text in files.items():
+        if not text.startswith("-> "):
+            recorded, body = render.split_header(text)
+            assert recorded == render.hashlib.sha256(body.encode()).hexdigest(), rel
+    # the shared files are the same as in master mode: modes mix on one host
+    assert generate(*DEBIAN_ARGS, "--helper", "/usr/bin/cyrushelper", "--output", str(tmp_path / "m")) == 0
+    master = tree(tmp_path / "m")
+    for rel in ("cyrus@.service", "cyrus.service"):
+        assert files[rel] == master[rel], rel
+    dropin = files["cyrus@default.service.d/cyrushelper.conf"]
+    assert "ExecStart=\nExecStart=/usr/bin/cyrushelper run --listeners systemd --instance %i" in dropin
+    assert "--workers imap=100 " in dropin and "--workers notify=1 " in dropin
+    assert "\nExecStop=\n" in dropin
+    assert "Requires=cyrus-default-lmtpunix.socket" in dropin.splitlines()
+    worker = files["cyrus-default-lmtpunix@.service"]
+    assert (f"ExecStart=/usr/bin/cyrushelper worker --service lmtpunix --id 0 --status "
+            f"/var/lib/cyrus/cyrushelper/workers/lmtpunix@%i -- {cyrus_bindir}/lmtpd") in worker
+    for line in ("Sockets=cyrus-default-lmtpunix.socket", "PartOf=cyrus@default.service", "Restart=always",
+                 "SuccessExitStatus=75", "KillSignal=SIGHUP", "StartLimitIntervalSec=0", "User=cyrus",
+                 "CapabilityBoundingSet="):
+        assert line in worker.splitlines(), line
+    socket = files["cyrus-default-lmtpunix.socket"]
+    assert "ListenStream=/run/cyrus/socket/lmtp" in socket and "SocketMode=0777" in socket
+    assert "PartOf=" not in socket.replace("# Deliberately not PartOf=", "")
+    assert "ListenDatagram=/run/cyrus/socket/notify" in files["cyrus-default-notify.socket"]
+    start = files["cyrus-default-start.service"]
+    assert f"ExecStart={cyrus_bindir}/cyr_expire -E 3" in start  # /usr/sbin/cyrus expire
+    assert "ExecStartPre=+/bin/rm -f /var/lib/cyrus/msg/shutdown" in start
+    assert "OnCalendar=*-*-* 04:30:00" in files["cyrus-default-event-deleteprune.timer"]
+
+
+def sieve_sockets() -> list[str]:
+    """Debian's `sieve listen="localhost:sieve"`: one socket per address this machine resolves
+    localhost to, as master binds them (Debian 12's container: 127.0.0.1; Debian 13's: ::1 too)."""
+    entry = next(e for e in config.parse_cyrus_conf(DEBIAN / "cyrus.conf").services if e.name == "sieve")
+    count = len(listeners._hosts(entry, "localhost"))
+    return ["sieve", *(f"sieve-{n}" for n in range(2, count + 1))]
+
+
+@needs_analyze
+def test_socket_mode_units_verify_silently_and_expose_little(tmp_path, cyrus_bindir):
+    assert generate(*DEBIAN_ARGS, "--listeners", "systemd", "--helper", EXISTING_HELPER,
+                    "--output", str(tmp_path)) == 0
+    units = socket_units(tmp_path)
+    assert len(units) == 25 + 2 * len(sieve_sockets())
+    assert verify(*units) == ""
+    for unit in (tmp_path / "cyrus@default.service", tmp_path / "cyrus-default-imap@1.service",
+                 tmp_path / "cyrus-default-start.service", tmp_path / "cyrus-default-event-delprune.service"):
+        out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=30", unit.name],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
+        assert m and float(m.group(1)) <= 3.0 and out.returncode == 0, out.stdout[-2000:]
+
+
+@needs_analyze
+def test_socket_mode_verify_catches_a_bad_directive(tmp_path, cyrus_bindir):
+    # guards the lint above: verify must read the parts too and complain about them
+    generate(*DEBIAN_ARGS, "--listeners", "systemd", "--helper", EXISTING_HELPER, "--output", str(tmp_path))
+    with open(tmp_path / "cyrus-default-imap.socket", "a") as f:
+        f.write("Backlog=lots\n")
+    assert "lots" in verify(*socket_units(tmp_path))
+
+
+def test_socket_mode_refusals_write_nothing(tmp_path, cyrus_bindir, capsys):
+    (cyrus_bindir / "pop3d").unlink()
+    out = tmp_path / "out"
+    assert generate(*DEBIAN_ARGS, "--listeners", "systemd", "--output", str(out),
+                    "--helper", "/usr/bin/cyrushelper") == exitcodes.CONFIG
+    assert "tests/data/debian/cyrus.conf:33: SERVICES entry 'pop3'" in capsys.readouterr().err
+    assert not out.exists()
+    assert generate(*DEBIAN_ARGS, "--workers", "imap=3", "--output", str(out),
+                    "--helper", "/usr/bin/cyrushelper") == exitcodes.CONFIG
+    assert "--listeners systemd" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_socket_mode_workers_start_the_wrapper_by_module_when_the_helper_is_python(tmp_path):
+    script = tmp_path / "cyrushelper"
+    script.write_text("#!/opt/ch/bin/python3\nfrom cyrushelper.cli import main\n")
+    assert render.worker_command(str(script)) == "/opt/ch/bin/python3 -I -m cyrushelper.worker"
+    assert render.worker_command("/usr/bin/python3 -m cyrushelper") == "/usr/bin/python3 -I -m cyrushelper.worker"
+    # not a Python script (or unreadable): the worker subcommand of the helper itself
+    assert render.worker_command("/usr/bin/cyrushelper-not-there") == "/usr/bin/cyrushelper-not-there worker"
+    script.write_text("#!/usr/bin/env python3\n")
+    assert render.worker_command(str(script)) == f"{script} worker"
+
+
+def test_socket_mode_workers_override_reaches_units_and_run(tmp_path, cyrus_bindir):
+    imapd, cyrus = make_instance(tmp_path, "x", 11143)
+    assert generate("-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--listeners", "systemd",
+                    "--workers", "imap=3", "--helper", "/usr/bin/cyrushelper", "--output", str(tmp_path / "o")) == 0
+    dropin = (tmp_path / "o/cyrus@x.service.d/cyrushelper.conf").read_text()
+    wants = [line for line in dropin.splitlines() if line.startswith("Wants=cyrus-x-imap@")]
+    assert wants == ["Wants=cyrus-x-imap@1.service cyrus-x-imap@2.service cyrus-x-imap@3.service"]
+    assert "--workers imap=3 --workers lmtpunix=10 " in dropin  # lmtpunix: maxchild unset
 def test_missing_template_package_is_a_clear_config_error(monkeypatch):
     def not_installed(name):
         raise ModuleNotFoundError(name)

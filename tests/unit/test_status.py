@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -116,3 +117,58 @@ def test_watch_notices_master_exit(fake, running):
     out, _ = w.communicate(timeout=20)
     assert f"master {running.pid}" in out.splitlines()[0]
     assert "master not running" in out.splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- socket mode
+
+def _socket_mode(fake, pid: int, slots: dict[str, list[tuple[int, int]]], served: dict[str, int],
+                 listen: str = "127.0.0.1:1") -> None:
+    """What `run --listeners systemd` records, and worker status files as Cyrus writes them."""
+    from cyrushelper import worker
+    d = fake.config / "cyrushelper"
+    (d / "workers").mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, records in slots.items():
+        path = d / "workers" / name
+        path.write_bytes(b"".join(worker.RECORD.pack(m, p) for m, p in records))
+        if name in served:
+            (d / "workers" / f"{name}.served").write_text(f"{served[name]}\n")
+        files.append(str(path))
+    (d / "listeners.json").write_text(json.dumps({
+        "mode": "systemd", "unit": "cyrus@x.service", "pid": pid, "start_time": proc.start_time(pid),
+        "pools": [{"service": "lmtp", "socket": "cyrus-x-lmtp.socket", "listen": listen, "stream": True,
+                   "greets": False, "workers": [f"cyrus-x-{s}.service" for s in slots], "status_files": files}]}))
+
+
+def test_socket_mode_shows_workers_busy_idle_down_and_connections(fake):
+    me, dead = os.getpid(), 999999  # this test process stands in for the supervisor and the workers
+    busy, idle = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    try:
+        _socket_mode(fake, me, {
+            "lmtp@1": [(1, busy.pid), (2, busy.pid), (3, busy.pid)],               # in a connection
+            "lmtp@2": [(1, idle.pid), (2, idle.pid), (3, idle.pid), (1, idle.pid)],  # served one, waits
+            "lmtp@3": [(1, dead), (2, dead), (3, dead)],                           # gone
+        }, served={"lmtp@2": 40})
+        r, report = status(fake, "--json", "--no-probe")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert report["mode"] == "systemd" and report["master"]["running"] is True
+        (service,) = report["services"]
+        assert service["workers"] == {"total": 3, "busy": 1, "idle": 1, "down": 1}
+        assert service["connections_served"] == 1 + 41 + 1
+        r, _ = status(fake, "--no-probe")
+        assert "workers 1 busy, 1 idle, 1 down of 3; 43 connections served" in r.stdout
+        assert "socket mode" in r.stdout
+    finally:
+        for p in (busy, idle):
+            p.kill()
+            p.wait()
+
+
+def test_socket_mode_not_running_and_socket_not_serving(fake):
+    _socket_mode(fake, 999999, {"lmtp@1": []}, {})
+    r, report = status(fake, "--json")
+    assert r.returncode == 3 and report["master"]["running"] is False
+    assert report["services"][0]["workers"]["down"] == 1
+    _socket_mode(fake, os.getpid(), {"lmtp@1": []}, {}, listen="127.0.0.1:1")  # nothing listens there
+    r, report = status(fake, "--json")
+    assert r.returncode == 1 and report["services"][0]["serves"] != "ok"
