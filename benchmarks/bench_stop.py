@@ -6,10 +6,13 @@ Each trial boots a fresh throwaway systemd container, builds the lab pair (rolli
 under master, as most replicated sites run it), puts continuous LMTP load on the primary (two
 users), waits for --warmup acknowledged messages, then times `systemctl stop` of the primary and
 reads what the stop left behind: lines in the sync log, and acknowledged messages missing on the
-replica (what a replica promoted at that moment would not have). Both contestants run in the same
-invocation, alternating, so the table compares them on the same machine state.
+replica (what a replica promoted at that moment would not have). The load retries like an MTA and
+classifies every attempt (testbed.mail.OUTCOMES): LMTP transactions cut mid-way, 421s, refused or
+dropped connections, and messages stored twice on the replica. --slow-sender adds a sender whose
+body is still arriving when the stop begins. Both contestants run in the same invocation,
+alternating, so the table compares them on the same machine state.
 
-    python benchmarks/bench_stop.py [--trials 3] [--warmup 300]
+    python benchmarks/bench_stop.py [--trials 3] [--warmup 300] [--slow-sender] [--only KIND]
     python benchmarks/bench_stop.py --overhead [--trials 10] [--release trixie]
 
 --overhead (issue 11): what our stop costs on top of what Cyrus itself needs. Each trial boots a
@@ -50,7 +53,7 @@ from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 CONTESTANTS = ("cyrushelper", "stock", "replica")
 
 
-def trial(kind: str, warmup: int, house: Wheelhouse) -> dict:
+def trial(kind: str, warmup: int, house: Wheelhouse, slow_sender: bool) -> dict:
     workdir = new_workdir(f"bench-{kind}")
     try:
         with SystemdContainer(workdir) as box:
@@ -63,7 +66,7 @@ def trial(kind: str, warmup: int, house: Wheelhouse) -> dict:
                 primary = "cyrus@primary.service"
                 unit = "cyrus@replica.service" if kind == "replica" else primary
             lab.start("cyrus@replica.service", primary)
-            load, record = lab.start_load(seconds=300)
+            load, record = lab.start_load(seconds=300, hold_user="bob" if slow_sender else None)
             lab.wait_acknowledged(record, warmup, timeout=120)
             stop = lab.stop(unit)
             extra = {}
@@ -76,9 +79,15 @@ def trial(kind: str, warmup: int, house: Wheelhouse) -> dict:
             report = lab.verify(record, storage=kind == "replica")
             if kind == "replica":
                 extra["storage_identical"] = report["storage_identical"]
+            outcomes = lab.load_stats(record)["outcomes"]
             return {"seconds": stop.seconds, "result": stop.result, "lines_left": stop.total_left,
                     "acknowledged": report["acknowledged"], "missing": report["missing"],
-                    "double_sigterm": len(lab.unexpected_sigterm_lines()), **extra}
+                    "double_sigterm": len(lab.unexpected_sigterm_lines()),
+                    "cut": outcomes["cut_in_transaction"] + outcomes["cut_after_end_of_data"],
+                    "got_421": outcomes["refused_421"],
+                    "refused_or_dropped": outcomes["connection_refused"] + outcomes["lost_before_greeting"]
+                    + outcomes["dropped_outside_transaction"],
+                    "duplicated": report["duplicated"], **extra}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -181,6 +190,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=300, help="acknowledged messages before the stop")
+    parser.add_argument("--slow-sender", action="store_true",
+                        help="add a sender whose message body is still arriving when the stop begins")
     parser.add_argument("--only", choices=CONTESTANTS, action="append",
                         help="run only this contestant (repeatable; default: all)")
     parser.add_argument("--overhead", action="store_true",
@@ -197,27 +208,28 @@ def main() -> int:
     house = build_wheelhouse(scratch / "build")   # the product as users install it
     for i in range(args.trials):
         for kind in chosen if i % 2 == 0 else list(reversed(chosen)):
-            r = trial(kind, args.warmup, house)
+            r = trial(kind, args.warmup, house, args.slow_sender)
             runs[kind].append(r)
-            print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s result={r['result']} "
-                  f"lines_left={r['lines_left']} acknowledged={r['acknowledged']} missing={r['missing']} "
-                  f"double_sigterm={r['double_sigterm']}"
-                  + (f" primary_result={r['primary_result']} storage_identical={r['storage_identical']}"
-                     if kind == "replica" else ""),
-                  flush=True)
+            print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s " +
+                  " ".join(f"{k}={v}" for k, v in r.items() if k != "seconds"), flush=True)
     print()
-    print(f"| unit | trials | stop s (median) | stop s (max) | result | sync-log lines left (median/max) "
-          f"| acknowledged (median) | missing on replica (median/max) | children SIGTERMed twice (max) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| unit | trials | stop s (median) | stop s (max) | result | sync-log lines left (median/max) "
+          "| acknowledged (median) | missing on replica (median/max) | children SIGTERMed twice (max) "
+          "| LMTP cut mid-way (median/max) | LMTP 421 (median) | refused/dropped (median) "
+          "| stored twice (max) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in chosen:
         rs = runs[kind]
+
+        def med(key: str) -> str:
+            return f"{statistics.median(r[key] for r in rs):g}"
         secs = [r["seconds"] for r in rs]
-        left = [r["lines_left"] for r in rs]
-        miss = [r["missing"] for r in rs]
         results = ",".join(sorted({r["result"] for r in rs}))
         print(f"| {kind} | {len(rs)} | {statistics.median(secs):.2f} | {max(secs):.2f} | {results} | "
-              f"{statistics.median(left):g}/{max(left)} | {statistics.median(r['acknowledged'] for r in rs):g} | "
-              f"{statistics.median(miss):g}/{max(miss)} | {max(r['double_sigterm'] for r in rs)} |")
+              f"{med('lines_left')}/{max(r['lines_left'] for r in rs)} | {med('acknowledged')} | "
+              f"{med('missing')}/{max(r['missing'] for r in rs)} | {max(r['double_sigterm'] for r in rs)} | "
+              f"{med('cut')}/{max(r['cut'] for r in rs)} | {med('got_421')} | {med('refused_or_dropped')} | "
+              f"{max(r['duplicated'] for r in rs)} |")
     if "cyrushelper" in runs and "stock" in runs:
         ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
         stock = statistics.median(r["seconds"] for r in runs["stock"])

@@ -2,13 +2,23 @@
 
 The fence is Cyrus's own `{configdirectory}/msg/shutdown` (imap/global.c shutdown_file): while it
 exists a logged-in IMAP user gets `* BYE [ALERT] <first line>` right after the answer to their
-next command (imapd looks before it blocks reading a command; measured on 3.6.1), POP3 alike, and LMTP refuses every transaction command with
-`421 4.3.2 <first line>` so the MTA keeps the message queued. Admins are not fenced by imapd.
+next command (imapd looks before it blocks reading a command; measured on 3.6.1), POP3 alike, and
+lmtpd answers every command but LHLO/NOOP/QUIT with `421 4.3.2 <first line>` and exits
+(imap/lmtpengine.c), so the MTA keeps the message queued.
 
-Then we wait at most `--grace` seconds for serving processes to finish: Cyrus 3.6 keeps one file
-per process that serves a session in `proc_path` (imap/proc.c proc_register; the file is named by
-PID and removed at session end; lmtpd does not register), so the grace ends early when no file
-names a live process. A process killed hard leaves its file behind: liveness is checked by PID.
+Then we wait at most `--grace` seconds for work in flight to finish:
+- sessions: Cyrus 3.6 keeps one file per process that serves a session in `proc_path`
+  (imap/proc.c proc_register; named by PID, removed at session end). A process killed hard leaves
+  its file behind: liveness is checked by PID.
+- deliveries: lmtpd registers no session, so we take the LMTP connections open when the fence
+  went up from the kernel's socket tables (connections.py). No transaction can start after the
+  fence (MAIL gets 421); one open at that moment ends with its next command (421 to RCPT/DATA,
+  or the final reply once lmtpd has read the whole message, which it does without looking at the
+  fence) and lmtpd then exits, closing the connection. Waiting for those connections to close is
+  what keeps master's SIGTERM from cutting a delivery after DATA (which the MTA would retry, and
+  which Cyrus may already have delivered: a duplicate). SIGHUP is no help here: it interrupts the
+  child's wait for the next command (`421 4.4.1 bye Interrupted system call`, measured on 3.6.1).
+The grace ends as soon as neither is left.
 
 Replication is not a user session and is not waited for: a sync_server serving the primary's
 rolling sync_client registers there too (imap/sync_server.c: proc_register(config_ident, …)), and
@@ -23,7 +33,6 @@ it forks), without client or user. They do not end because of the fence either (
 3.10.2: a DAEMON entry made every stop wait the whole grace); master's SIGTERM ends them.
 
 Nothing here needs master: a socket-activated instance fences and waits the same way.
-
 """
 
 from __future__ import annotations
@@ -35,17 +44,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyrushelper import arguments, exitcodes, proc
+from cyrushelper import arguments, connections, exitcodes, proc
 from cyrushelper.atomic import write_atomic
-from cyrushelper.config import Instance
+from cyrushelper.config import Instance, Listen
 from cyrushelper.syncwatch import DirWatch
 
 log = logging.getLogger("cyrushelper.fence")
 
 DEFAULT_MESSAGE = "This server is restarting for maintenance; please reconnect in a few minutes"
 DEFAULT_GRACE = 5.0
-
-
+DELIVERY_PROGRAMS = ("lmtpd", "lmtpproxyd")
+DELIVERY_POLL = 0.05   # seconds between looks at the socket tables (no inotify for sockets)
 REPLICATION_PROGRAMS = ("sync_server", "sync_client")
 MASTER_REGISTERED_SECTIONS = ("DAEMON", "EVENTS")   # registered by 3.10+'s master, not sessions
 
@@ -139,23 +148,47 @@ def sessions(instance: Instance, replication: bool = False) -> list[Session]:
     return sorted(result, key=lambda s: s.pid)
 
 
-def wait_for_sessions(instance: Instance, grace: float, clock=time.monotonic) -> list[Session]:
-    """Wait until no session is left or `grace` seconds passed; the sessions left.
+def delivery_listeners(instance: Instance) -> list[Listen]:
+    """The SERVICES listeners of LMTP (lmtpd, lmtpproxyd)."""
+    return [listen for entry, listen in instance.listeners if entry.program in DELIVERY_PROGRAMS]
+
+
+class Deliveries:
+    """LMTP connections that were open when the fence went up (create it right after writing the
+    fence): each may be inside a transaction. `left()` is those still open."""
+
+    def __init__(self, instance: Instance):
+        self._watcher = connections.Watcher(delivery_listeners(instance))
+        self.at_fence = self._watcher.held()
+        self._open = set(self.at_fence)
+
+    def left(self) -> set[int]:
+        if self._open:
+            self._open &= self._watcher.held()
+        return set(self._open)
+
+
+def wait_for_sessions(instance: Instance, grace: float, clock=time.monotonic,
+                      deliveries: Deliveries | None = None) -> list[Session]:
+    """Wait until no session is left and no delivery of `deliveries` is open, or `grace` seconds
+    passed; the sessions left (`deliveries.left()` tells the deliveries left).
 
     inotify on proc_path wakes us when a session ends; a short re-check interval also covers
-    processes that died without removing their file."""
+    processes that died without removing their file. Open deliveries are looked at every
+    DELIVERY_POLL seconds: a transaction ends within milliseconds of its next command."""
     deadline = clock() + grace
     left = sessions(instance)
-    if not left or grace <= 0:
+    if (not left and not (deliveries and deliveries.left())) or grace <= 0:
         return left
     with DirWatch() as watch:
         watch.add("proc", instance.imapd.proc_path, lambda name: name.isdigit())
         while True:
             left = sessions(instance)
+            delivering = deliveries is not None and bool(deliveries.left())
             remaining = deadline - clock()
-            if not left or remaining <= 0:
+            if (not left and not delivering) or remaining <= 0:
                 return left
-            watch.wait(min(remaining, 0.5))
+            watch.wait(min(remaining, DELIVERY_POLL if delivering else 0.5))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -163,8 +196,8 @@ def wait_for_sessions(instance: Instance, grace: float, clock=time.monotonic) ->
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     arguments.add_instance_arguments(parser)
     parser.add_argument("--grace", type=arguments.seconds, default=DEFAULT_GRACE, metavar="SECONDS",
-                        help=f"how long open sessions may finish after the fence (default {DEFAULT_GRACE:g}); "
-                             "ends early when no session process is left")
+                        help="how long open sessions and LMTP deliveries in flight may finish after the fence "
+                             f"(default {DEFAULT_GRACE:g}); ends early when none is left")
     parser.add_argument("--message", default=DEFAULT_MESSAGE, metavar="TEXT",
                         help="one line shown to users: IMAP `* BYE [ALERT] TEXT`, LMTP `421 4.3.2 TEXT`")
     parser.add_argument("--force", action="store_true",
@@ -183,17 +216,24 @@ def main(args: argparse.Namespace) -> int:
         log.info("no master running for %s (pid file %s): nothing to fence", instance.name, instance.pid_file)
         return exitcodes.OK
     path = write_fence(instance, args.message)
+    deliveries = Deliveries(instance)
     before = sessions(instance)
     replicating = [s for s in sessions(instance, replication=True) if s.replication]
-    log.info("fence written (%s); %d session(s) open, grace %.1fs%s", path, len(before), args.grace,
+    log.info("fence written (%s); %d session(s) and %d LMTP connection(s) open, grace %.1fs%s",
+             path, len(before), len(deliveries.at_fence), args.grace,
              f"; not waiting for {len(replicating)} replication process(es) "
              f"({', '.join(f'{s.service}[{s.pid}]' for s in replicating[:5])})" if replicating else "")
     t0 = time.monotonic()
-    left = wait_for_sessions(instance, args.grace)
+    left = wait_for_sessions(instance, args.grace, deliveries=deliveries)
     waited = time.monotonic() - t0
+    delivering = deliveries.left()
+    if delivering:
+        log.warning("grace over after %.1fs with %d LMTP connection(s) open since the fence: master's "
+                    "SIGTERM may cut a delivery in flight (the MTA retries it; raise --grace for slow "
+                    "senders)", waited, len(delivering))
     if left:
         log.info("grace over after %.1fs with %d session(s) still open (master's SIGTERM ends them): %s",
                  waited, len(left), ", ".join(f"{s.service}[{s.pid}] {s.user}".strip() for s in left[:10]))
-    else:
-        log.info("no session left after %.1fs", waited)
+    if not left and not delivering:
+        log.info("no session and no LMTP delivery left after %.2fs", waited)
     return exitcodes.OK

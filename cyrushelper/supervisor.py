@@ -98,6 +98,10 @@ STATUS_QUIET_AFTER_SEND = 0.04
 STATUS_QUIET_LOOK = 0.04
 JOURNAL_INTERVAL = 5.0         # at most one journal check per interval (and none without news)
 FAILURE_LOG_INTERVAL = 60.0    # at most one journal line per minute about continuing failures
+# how READY=1 was decided, in the journal line that says Cyrus serves (tests read it to tell the
+# Cyrus 3.10+ master.ready path from the 3.6 one)
+READY_BY_FILE = "master.ready"
+READY_BY_PROBES = "every listener accepts"
 
 
 # --------------------------------------------------------------------------- background jobs
@@ -794,7 +798,8 @@ class Supervisor:
             if outcome == "ready":
                 self.notes.pop("start", None)
                 self._refresh_backlog()
-                log.info("Cyrus serves (master %d): %s", self.master_pid, self._backlog_text)
+                log.info("Cyrus serves (master %d; ready: %s): %s", self.master_pid,
+                         READY_BY_FILE if use_ready_file else READY_BY_PROBES, self._backlog_text)
                 self.check_space()
                 self.notifier.ready(self.status_text())
                 self._last_status_text = self.status_text()

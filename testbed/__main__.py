@@ -2,7 +2,8 @@
 them inside a throwaway systemd container (where the pair's loopback network lives).
 
   create ROOT [--port-base N] [--rolling] [--channels a,b]   build a primary+replica pair
-  load ROOT --record FILE [--seconds S] [--users alice,bob]  LMTP load until SIGTERM or S seconds
+  load ROOT --record FILE [--seconds S] [--users alice,bob]  LMTP load until SIGTERM or S seconds,
+       [--stats FILE] [--hold-user U --hold-until PATH]    like an MTA (retries); every attempt counted
   deliver ROOT --record FILE --count N [--user alice]         N messages on one LMTP connection
   verify ROOT --record FILE [...]                              acknowledged vs present on the replica (JSON)
   relay ROOT --record FILE --rate BYTES_PER_S                  throttling relay primary -> replica sync_server
@@ -22,7 +23,9 @@ import sys
 import threading
 from pathlib import Path
 
-from testbed.mail import LOOPBACK, LmtpLoad, compare_storage, deliver_lmtp, expunge_last, verify_on_replica
+from cyrushelper.atomic import write_atomic
+from testbed.mail import (LOOPBACK, Hold, LmtpLoad, compare_storage, deliver_lmtp, expunge_last,
+                          verify_on_replica)
 from testbed.pair import CyrusPair, SwitchablePair
 from testbed.relay import ThrottlingRelay
 
@@ -64,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--seconds", type=float, default=60)
             p.add_argument("--users", default="alice,bob")
             p.add_argument("--pause", type=float, default=0.0, help="seconds between messages per user")
+            p.add_argument("--stats", help="write the final statistics (JSON) to this file")
             p.add_argument("--connection-per-message", action="store_true",
                            help="a new LMTP connection for every message (an MTA without caching)")
-            p.add_argument("--stats", help="write the final counts (JSON) to this file")
+            p.add_argument("--hold-user", help="add a slow sender to this user: one message whose body "
+                                               "stops half-way until --hold-until exists")
+            p.add_argument("--hold-until", help="file whose appearance lets the held body go on")
+            p.add_argument("--hold-extra", type=float, default=1.0,
+                           help="seconds the held body waits after that file appeared (default 1)")
         if name == "deliver":
             p.add_argument("--count", type=int, required=True)
             p.add_argument("--user", default="alice")
@@ -107,20 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "load":
         stopped = threading.Event()
         signal.signal(signal.SIGTERM, lambda *a: stopped.set())
+        hold = None
+        if args.hold_user:
+            if not args.hold_until:
+                parser.error("--hold-user needs --hold-until")
+            hold = Hold(args.hold_user, Path(args.hold_until), args.hold_extra,
+                        marker=Path(args.record[0] + ".holding"))
         load = LmtpLoad(pair.ports.primary_lmtp, args.users.split(","), args.record[0],
-                        max_seconds=args.seconds, max_messages=10**7, pause=args.pause,
+                        max_seconds=args.seconds, max_messages=10**7, pause=args.pause, hold=hold,
                         endpoints=endpoints or None, connection_per_message=args.connection_per_message).start()
         while load.running and not stopped.wait(0.2):
             pass
-        stats = load.stop()
-        result = {"acknowledged": stats.acknowledged, "failed": stats.failed,
-                  "connect_failures": stats.connect_failures,
-                  "refusals": [t for t, _ in load.refusals],
-                  "longest_gap": list(load.longest_gap()),
-                  "outcomes": stats.outcomes, "max_greeting_wait": round(stats.max_greeting_wait, 3)}
+        stats = json.dumps({**load.stop().as_dict(), "refusals": [t for t, _ in load.refusals],
+                            "longest_gap": list(load.longest_gap())})
         if args.stats:
-            Path(args.stats).write_text(json.dumps(result) + "\n")
-        print(json.dumps(result), flush=True)
+            write_atomic(args.stats, stats + "\n", mode=0o644)
+        print(stats, flush=True)
         return 0
 
     if args.command == "relay":
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         report = verify_on_replica(port, args.record, host=host)
         result = {"acknowledged": report.acknowledged, "present": report.present,
                   "missing": len(report.missing), "missing_sample": report.missing[:10],
+                  "duplicated": len(report.duplicates), "duplicated_sample": report.duplicates[:10],
                   "summary": report.summary()}
         if args.storage:
             storage = compare_storage(pair.primary_imapd_conf, pair.replica_imapd_conf)

@@ -18,7 +18,7 @@ import smtplib
 import subprocess
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,44 +142,157 @@ def deliver_lmtp(port: int, rcpt: str, n: int, tag: str, record: os.PathLike | s
     return acknowledged
 
 
+# --------------------------------------------------------------------------- what an MTA sees
+
+# Every delivery attempt ends in exactly one of these, judged by where it ended: the client's own
+# record of a stop, as an MTA's log would show it.
+OUTCOMES = {
+    "acknowledged": "250 to the end of data: delivered, recorded",
+    "refused_421": "421 to a command (the fence's 4.3.2, or Cyrus shutting down): queued, retried",
+    "temporary_failure": "another 4xx reply: queued, retried",
+    "rejected": "a 5xx reply: an MTA would bounce the message",
+    "connection_refused": "nothing listened: retried",
+    "lost_before_greeting": "connected, then closed or reset before the 220 greeting: retried",
+    "dropped_outside_transaction": "closed or reset with no transaction open (LHLO, MAIL unanswered)",
+    "cut_in_transaction": "closed or reset after MAIL was accepted, before the end of data was sent",
+    "cut_after_end_of_data": "closed or reset after the end of data, before its reply: Cyrus may have "
+                             "delivered it, the retry can be a duplicate",
+}
+CUT_MID_WAY = ("cut_in_transaction", "cut_after_end_of_data")
+_LOST_AT = {"connect": "lost_before_greeting", "lhlo": "dropped_outside_transaction",
+            "mail": "dropped_outside_transaction", "rcpt": "cut_in_transaction",
+            "data": "cut_in_transaction", "body": "cut_in_transaction", "end": "cut_after_end_of_data"}
+SENDER = "sender@lab.test"
+
+
+def outcome_of_reply(code: int) -> str:
+    if code == 421:
+        return "refused_421"
+    return "temporary_failure" if 400 <= code < 500 else "rejected"
+
+
+class LmtpClient:
+    """One LMTP connection used the way an MTA uses it: message after message on the same
+    connection, a new one after any failure. `attempt()` says how one delivery attempt ended."""
+
+    def __init__(self, port: int, host: str = LOOPBACK, timeout: float = 10.0):
+        self.port, self.host, self.timeout = port, host, timeout
+        self.conn: smtplib.LMTP | None = None
+        self.greeting_wait = 0.0   # connect to 220 greeting, of the current connection
+
+    def attempt(self, rcpt: str, body: bytes, mid_body=None) -> str:
+        """Deliver `body` (CRLF lines, no line starting with '.') to `rcpt`; one of OUTCOMES.
+        `mid_body()`, if given, runs after the first half of the body was sent (a slow sender)."""
+        stage = "connect"
+        try:
+            if self.conn is None:
+                t0 = time.monotonic()
+                self.conn = smtplib.LMTP(self.host, self.port, timeout=self.timeout)
+                self.greeting_wait = time.monotonic() - t0
+                stage = "lhlo"
+                code, _ = self.conn.ehlo()  # LHLO for smtplib.LMTP
+                if code != 250:
+                    return self._refused(code)
+            for stage, command in (("mail", f"MAIL FROM:<{SENDER}>"), ("rcpt", f"RCPT TO:<{rcpt}>"),
+                                   ("data", "DATA")):
+                code, _ = self.conn.docmd(command)
+                if code != (354 if stage == "data" else 250):
+                    return self._refused(code)
+            stage = "body"
+            half = body.index(b"\r\n", len(body) // 2) + 2
+            self.conn.send(body[:half])
+            if mid_body is not None:
+                mid_body()
+            self.conn.send(body[half:])
+            stage = "end"
+            self.conn.send(b".\r\n")
+            code, _ = self.conn.getreply()  # LMTP: one reply per recipient, we have one
+            return "acknowledged" if code == 250 else self._refused(code)
+        except smtplib.SMTPConnectError as e:  # a greeting other than 220
+            return self._refused(e.smtp_code)
+        except ConnectionRefusedError:
+            self.close()
+            return "connection_refused"
+        except (OSError, smtplib.SMTPException):  # closed, reset, timed out, broken pipe
+            self.close()
+            return _LOST_AT[stage]
+
+    def _refused(self, code: int) -> str:
+        self.close()  # after 421 Cyrus hangs up; after any other refusal we start afresh
+        return outcome_of_reply(code)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+        self.conn = None
+
+    def quit(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.quit()
+            except (OSError, smtplib.SMTPException):
+                pass
+        self.close()
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A slow sender: one message to `user` whose body stops half-way until the file `until`
+    exists (e.g. the fence), then `extra` seconds longer -- a body still arriving over a slow link
+    when a stop begins. `marker` is created once the message is held."""
+
+    user: str
+    until: Path
+    extra: float
+    marker: Path
+
+
 @dataclass
 class LoadStats:
-    attempted: int = 0
+    messages: int = 0       # distinct messages taken on; each is retried until acknowledged
     acknowledged: int = 0
-    failed: int = 0          # sent but not acknowledged (421, 4xx, connection lost): not recorded
-    connect_failures: int = 0
+    queued: int = 0         # taken on but not acknowledged when the load stopped (an MTA's queue)
+    outcomes: dict[str, int] = field(default_factory=lambda: {name: 0 for name in OUTCOMES})
     per_user: dict[str, int] = field(default_factory=dict)
+    held: str | None = None  # outcome of the held message's first attempt (Hold)
     seconds: float = 0.0
-    # what an MTA would have seen, by kind (connection-per-message mode; see LmtpLoad._deliver_once)
-    outcomes: dict[str, int] = field(default_factory=dict)
-    max_greeting_wait: float = 0.0   # longest connect-to-greeting time of a delivered message
+    max_greeting_wait: float = 0.0   # longest connect-to-greeting time of an acknowledged message
 
+    @property
+    def attempts(self) -> int:
+        return sum(self.outcomes.values())
 
-# How a delivery attempt can end, as an MTA sees it (LmtpLoad with connection_per_message):
-OUTCOMES = ("acknowledged",   # 250 after DATA: recorded
-            "refused",        # connect() refused: nobody listens
-            "reset",          # connected, then closed or reset before the greeting
-            "tempfail",       # a 4xx answer (421 fence, 451 ...): the MTA keeps the message queued
-            "cut",            # connection lost during the transaction, after the greeting
-            "other")          # anything else (timeouts, 5xx)
+    @property
+    def cut_mid_way(self) -> int:
+        return sum(self.outcomes[name] for name in CUT_MID_WAY)
+
+    def as_dict(self) -> dict:
+        return {"messages": self.messages, "acknowledged": self.acknowledged, "queued": self.queued,
+                "attempts": self.attempts, "cut_mid_way": self.cut_mid_way, "outcomes": dict(self.outcomes),
+                "per_user": dict(self.per_user), "held": self.held, "seconds": round(self.seconds, 3),
+                "max_greeting_wait": round(self.max_greeting_wait, 3)}
 
 
 class LmtpLoad:
-    """Continuous LMTP delivery for several users (one connection/thread each) until stopped.
+    """Continuous LMTP delivery for several users (one connection/thread each) until stopped,
+    behaving like an MTA: a message that was not acknowledged (421, refused, cut) stays queued and
+    is retried with the same Message-ID after a back-off; every attempt is classified (OUTCOMES).
 
-    Bounded by `max_messages` (total) and `max_seconds`. Refusals during a stop (421, refused or
-    dropped connections) are tolerated: the thread reconnects with back-off; such messages are
-    not recorded as acknowledged.
+    Bounded by `max_messages` (distinct messages) and `max_seconds`. `hold` adds one slow sender.
+    `endpoints`: several LMTP hosts (a switchable pair), tried in turn after a failure.
     """
 
     def __init__(self, port: int, users: list[str], record: os.PathLike | str, host: str = LOOPBACK,
                  max_messages: int = 20000, max_seconds: float = 60.0, tag: str | None = None,
-                 pause: float = 0.0, endpoints: list[tuple[str, int]] | None = None,
-                 connection_per_message: bool = False):
+                 pause: float = 0.0, hold: Hold | None = None,
+                 endpoints: list[tuple[str, int]] | None = None, connection_per_message: bool = False):
         if not users:
             raise ValueError("LmtpLoad needs at least one user")
         self.port = port
-        # like an MTA with several LMTP hosts: a refused connection or a 421 moves to the next one
+        # like an MTA with several LMTP hosts: a failed attempt moves to the next one
         self.endpoints = endpoints or [(host, port)]
         self.refusals: list[tuple[float, str]] = []   # (time, what) of every refused attempt
         self.ack_times: list[float] = []               # time.time() of every 250
@@ -190,146 +303,95 @@ class LmtpLoad:
         self.max_seconds = max_seconds
         self.tag = tag or f"load{os.getpid()}x{int(time.time() * 1000) % 10**9}"
         self.pause = pause
+        self.hold = hold
         self.connection_per_message = connection_per_message
-        self.stats = LoadStats(per_user={u: 0 for u in self.users}, outcomes={k: 0 for k in OUTCOMES})
+        self.stats = LoadStats(per_user={u: 0 for u in self.users + ([hold.user] if hold else [])})
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._numbers = itertools.count()
         self._threads: list[threading.Thread] = []
         self._record: Record | None = None
         self._started = 0.0
+        self._hold_reached = threading.Event()
 
     def start(self) -> LmtpLoad:
         self._record = Record(self.record_path)
         self._started = time.monotonic()
-        for user in self.users:
-            t = threading.Thread(target=self._run, args=(user,), name=f"lmtp-load-{user}", daemon=True)
+        senders = [(user, False) for user in self.users] + ([(self.hold.user, True)] if self.hold else [])
+        for user, held in senders:
+            t = threading.Thread(target=self._run, args=(user, held), name=f"lmtp-load-{user}", daemon=True)
             self._threads.append(t)
             t.start()
         return self
 
-    def _next_number(self) -> int | None:
+    def _take_message(self, user: str) -> tuple[str, bytes] | None:
         with self._lock:
-            if self.stats.attempted >= self.max_messages:
+            if self.stats.messages >= self.max_messages:
                 return None
-            self.stats.attempted += 1
-            return next(self._numbers)
+            self.stats.messages += 1
+            return message(self.tag, next(self._numbers), login_name(user))
 
-    def _acknowledge(self, user: str, mid: str) -> None:
+    def _held_body(self) -> None:
+        self._hold_reached.set()
+        self.hold.marker.touch()
+        while not self.hold.until.exists() and not self._stop.wait(0.02):
+            pass
+        self._stop.wait(self.hold.extra)
+
+    def _acknowledge(self, user: str, mid: str, greeting_wait: float) -> None:
         self._record.add(user, mid)
         with self._lock:
             self.ack_times.append(time.time())
             self.stats.acknowledged += 1
             self.stats.per_user[user] += 1
+            self.stats.max_greeting_wait = max(self.stats.max_greeting_wait, greeting_wait)
 
-    def _deliver_once(self, user: str, number: int) -> str:
-        """One message on a connection of its own, as an MTA without connection caching sends it:
-        connect, greeting, LHLO, MAIL, RCPT, DATA, QUIT. Returns its outcome (OUTCOMES)."""
-        mid, body = message(self.tag, number, login_name(user))
-        t0 = time.monotonic()
-        try:
-            conn = smtplib.LMTP(self.host, self.port, timeout=30)
-        except ConnectionRefusedError:
-            return "refused"
-        except (ConnectionResetError, smtplib.SMTPServerDisconnected, BrokenPipeError):
-            return "reset"
-        except smtplib.SMTPConnectError as e:
-            return "tempfail" if 400 <= e.smtp_code < 500 else "other"
-        except (OSError, smtplib.SMTPException):
-            return "other"
-        with self._lock:
-            self.stats.max_greeting_wait = max(self.stats.max_greeting_wait, time.monotonic() - t0)
-        try:
-            conn.sendmail("sender@lab.test", [user], body)
-            self._acknowledge(user, mid)
-        except smtplib.SMTPResponseException as e:
-            _close(conn)
-            return "tempfail" if 400 <= e.smtp_code < 500 else "other"
-        except smtplib.SMTPRecipientsRefused as e:
-            _close(conn)
-            codes = [code for code, _ in e.recipients.values()]
-            return "tempfail" if all(400 <= c < 500 for c in codes) else "other"
-        except (OSError, smtplib.SMTPServerDisconnected):
-            _close(conn)
-            return "cut"
-        except smtplib.SMTPException:
-            _close(conn)
-            return "other"
-        try:
-            conn.quit()
-        except (OSError, smtplib.SMTPException):
-            pass
-        _close(conn)
-        return "acknowledged"
-
-    def _run_connection_per_message(self, user: str) -> None:
-        deadline = self._started + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            number = self._next_number()
-            if number is None:
-                break
-            outcome = self._deliver_once(user, number)
-            with self._lock:
-                self.stats.outcomes[outcome] += 1
-                if outcome in ("refused", "reset"):
-                    self.stats.connect_failures += 1
-                elif outcome != "acknowledged":
-                    self.stats.failed += 1
-            if outcome != "acknowledged":
-                self._stop.wait(0.05)  # an MTA would retry much later; a short pause keeps counts readable
-            elif self.pause:
-                self._stop.wait(self.pause)
     def _refused(self, what: str) -> None:
         with self._lock:
             self.refusals.append((time.time(), what))
 
-    def _run(self, user: str) -> None:
-        if self.connection_per_message:
-            return self._run_connection_per_message(user)
+    def _run(self, user: str, held: bool) -> None:
         deadline = self._started + self.max_seconds
-        conn: smtplib.LMTP | None = None
+        client = LmtpClient(self.port, self.host)
+        pending = None  # the message queued for this user, until it is acknowledged
         backoff = 0.05
         endpoint = 0
         while not self._stop.is_set() and time.monotonic() < deadline:
-            if conn is None:
-                host, port = self.endpoints[endpoint % len(self.endpoints)]
-                try:
-                    conn = smtplib.LMTP(host, port, timeout=10)
-                    backoff = 0.05
-                except (OSError, smtplib.SMTPException):
-                    with self._lock:
-                        self.stats.connect_failures += 1
-                    self._refused(f"connect {host}:{port}")
-                    endpoint += 1
-                    if endpoint % len(self.endpoints) == 0:
-                        self._stop.wait(backoff)
-                        backoff = min(backoff * 2, 1.0)
-                    continue
-            number = self._next_number()
-            if number is None:
-                break
-            mid, body = message(self.tag, number, login_name(user))
-            try:
-                conn.sendmail("sender@lab.test", [user], body)
-            except (OSError, smtplib.SMTPException) as e:
-                with self._lock:
-                    self.stats.failed += 1
-                self._refused(f"{type(e).__name__} {getattr(e, 'smtp_code', '')}".strip())
-                _close(conn)
-                conn = None
-                endpoint += 1
+            if pending is None:
+                pending = self._take_message(user)
+                if pending is None:
+                    break
+            mid, body = pending
+            holding = held and not self._hold_reached.is_set()
+            client.host, client.port = self.endpoints[endpoint % len(self.endpoints)]
+            outcome = client.attempt(user, body, self._held_body if holding else None)
+            with self._lock:
+                self.stats.outcomes[outcome] += 1
+                if holding and self._hold_reached.is_set():
+                    self.stats.held = outcome
+            if outcome == "acknowledged":
+                self._acknowledge(user, mid, client.greeting_wait)
+                if self.connection_per_message:
+                    client.quit()   # an MTA without connection caching: one message per connection
+                pending, backoff = None, 0.05
+                if held:
+                    break  # the slow sender had one message
+                if self.pause:
+                    self._stop.wait(self.pause)
+                continue
+            self._refused(f"{outcome} {client.host}:{client.port}")
+            if outcome == "rejected":
+                pending = None  # an MTA bounces it; counted, never retried
+            # like an MTA with several LMTP hosts: a failure moves to the next one (the client is
+            # closed after any failure); refused connections back off once every host refused
+            endpoint += 1
+            if outcome != "connection_refused" or endpoint % len(self.endpoints) == 0:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
-                continue
-            self._acknowledge(user, mid)
-            if self.pause:
-                self._stop.wait(self.pause)
-        if conn is not None:
-            try:
-                conn.quit()
-            except (OSError, smtplib.SMTPException):
-                pass
-            _close(conn)
+        if pending is not None:
+            with self._lock:
+                self.stats.queued += 1
+        client.quit()
 
     def longest_gap(self) -> tuple[float, float]:
         """(start, end) of the longest time without an acknowledged delivery: the write outage an
@@ -371,13 +433,6 @@ class LmtpLoad:
         self.stop()
 
 
-def _close(conn: smtplib.LMTP) -> None:
-    try:
-        conn.close()
-    except OSError:
-        pass
-
-
 # --------------------------------------------------------------------------- checks on the replica
 
 @dataclass
@@ -386,6 +441,7 @@ class Report:
     present: int
     missing: list[tuple[str, str]]                       # (rcpt, message-id)
     per_user: dict[str, tuple[int, int]] = field(default_factory=dict)  # user -> (acknowledged, present)
+    duplicates: list[tuple[str, str, int]] = field(default_factory=list)  # (user, message-id, copies)
 
     @property
     def ok(self) -> bool:
@@ -394,19 +450,20 @@ class Report:
     def summary(self) -> str:
         users = " ".join(f"{u}={p}/{a}" for u, (a, p) in sorted(self.per_user.items()))
         return (f"acknowledged={self.acknowledged} present={self.present} missing={len(self.missing)}"
-                f" ({users})")
+                f" duplicated={len(self.duplicates)} ({users})")
 
 
 def message_ids(imap_port: int, user: str, password: str | None = None, mailbox: str = "INBOX",
-                host: str = LOOPBACK) -> set[str] | None:
-    """Message-IDs in `mailbox` as `user` sees it; None if the mailbox does not exist."""
+                host: str = LOOPBACK) -> Counter[str] | None:
+    """Message-IDs in `mailbox` as `user` sees it, with how many messages carry each (more than
+    one: a delivery retried after Cyrus had already stored it); None if the mailbox does not exist."""
     conn = imaplib.IMAP4(host, imap_port, timeout=30)
     try:
         conn.login(user, password if password is not None else password_for(user))
         typ, data = conn.select(mailbox, readonly=True)
         if typ != "OK":
             return None
-        found: set[str] = set()
+        found: Counter[str] = Counter()
         if int(data[0]):
             typ, parts = conn.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
             for part in parts:
@@ -414,7 +471,7 @@ def message_ids(imap_port: int, user: str, password: str | None = None, mailbox:
                     header = re.sub(rb"\r?\n[ \t]+", b" ", part[1])
                     m = _HEADER_MID_RE.search(header)
                     if m:
-                        found.add(m.group(1).decode("ascii", "replace"))
+                        found[m.group(1).decode("ascii", "replace")] += 1
         return found
     finally:
         try:
@@ -425,25 +482,28 @@ def message_ids(imap_port: int, user: str, password: str | None = None, mailbox:
 
 def verify_on_replica(imap_port: int, record_files: list[os.PathLike | str],
                       host: str = LOOPBACK) -> Report:
-    """Is every acknowledged message (per the records) in its user's INBOX on the replica?"""
+    """Is every acknowledged message (per the records) in its user's INBOX on the replica, and
+    is any message of the load there more than once?"""
     wanted = read_records(record_files)
     by_user: dict[str, dict[str, set[str]]] = defaultdict(dict)
     for rcpt, mids in wanted.items():
         by_user[login_name(rcpt)][rcpt] = mids
     missing: list[tuple[str, str]] = []
+    duplicates: list[tuple[str, str, int]] = []
     per_user: dict[str, tuple[int, int]] = {}
     acknowledged = present = 0
     for user, rcpts in sorted(by_user.items()):
-        have = message_ids(imap_port, user, host=host) or set()
+        have = message_ids(imap_port, user, host=host) or Counter()
+        duplicates += [(user, mid, n) for mid, n in sorted(have.items()) if n > 1]
         user_ack = user_present = 0
         for rcpt, mids in sorted(rcpts.items()):
             user_ack += len(mids)
-            user_present += len(mids & have)
-            missing += [(rcpt, mid) for mid in sorted(mids - have)]
+            user_present += len(mids & set(have))
+            missing += [(rcpt, mid) for mid in sorted(mids - set(have))]
         per_user[user] = (user_ack, user_present)
         acknowledged += user_ack
         present += user_present
-    return Report(acknowledged, present, missing, per_user)
+    return Report(acknowledged, present, missing, per_user, duplicates)
 
 
 # --------------------------------------------------------------------------- storage comparison

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -157,14 +158,18 @@ class LabSystem:
             raise RuntimeError(f"systemctl start {' '.join(units)} failed: {r.stderr}\n{journal}")
 
     def start_load(self, seconds: float = 60, users: str = "alice,bob", pause: float = 0.0,
-                   connection_per_message: bool = False) -> tuple[str, Path]:
-        """LMTP load on the primary as a transient unit; returns (unit, record file). Its final
-        counts (LoadStats, by outcome) land in `<record>.stats` once the unit stopped."""
+                   hold_user: str | None = None, connection_per_message: bool = False) -> tuple[str, Path]:
+        """LMTP load on the primary as a transient unit; returns (unit, record file). The load
+        retries like an MTA and counts every attempt: its final counts (LoadStats.as_dict(), by
+        outcome) land in `<record>.stats` once the unit stopped (load_stats()). `hold_user` adds a
+        slow sender whose body is still arriving when the primary's fence goes up (it goes on 1 s
+        later; `record.holding` exists once it waits)."""
         self._loads += 1
         unit = f"lab-load-{self._loads}.service"
         record = self.workdir / f"load-{self._loads}.record"
+        hold = ["--hold-user", hold_user, "--hold-until", str(self.instance().fence_file)] if hold_user else []
         self.lab_unit(unit, "load", "--record", str(record), "--seconds", str(seconds), "--users", users,
-                      "--pause", str(pause), "--stats", f"{record}.stats",
+                      "--pause", str(pause), "--stats", f"{record}.stats", *hold,
                       *(["--connection-per-message"] if connection_per_message else []))
         return unit, record
 
@@ -224,9 +229,31 @@ class LabSystem:
         return self.c.journal(unit)
 
     def unexpected_sigterm_lines(self) -> list[str]:
-        """Cyrus children that got SIGTERM from someone other than master (a double SIGTERM)."""
-        return [line for line in self.c.journal().splitlines()
-                if "graceful shutdown initiated by unexpected process" in line]
+        """Cyrus children SIGTERMed twice in this container (double_sigterm_lines)."""
+        return double_sigterm_lines(self.c.journal())
+
+
+# What Cyrus logs about a SIGTERM (3.6.1 and 3.10.2 alike): a child's handler (lib/signals.c,
+# installed with SA_RESETHAND) logs "graceful shutdown" -- "... initiated by unexpected process
+# PID (cmdline)" when the sender is not its parent -- and a second SIGTERM kills it, which master
+# logs as "... pid:PID signaled to death by signal 15" (master/master.c reap_child).
+_GRACEFUL = re.compile(r"/\w+\[(\d+)\]: graceful shutdown")
+_KILLED_BY_TERM = re.compile(r" pid:(\d+) signaled to death by signal 15\b")
+
+
+def double_sigterm_lines(journal: str) -> list[str]:
+    """Evidence that a Cyrus child got SIGTERM twice: its "graceful shutdown initiated by unexpected
+    process" line (the foreign SIGTERM came first), or master's line that a child which had already
+    begun its graceful shutdown died of SIGTERM (master's came first). Measured with a Debian-style
+    unit (KillMode=control-group): on Debian 12 (systemd 252) the children log the first kind; on
+    Debian 13 (systemd 257, Cyrus 3.10.2) all of them logged a plain "graceful shutdown" and master
+    then logged two of them signaled to death by signal 15. A child SIGTERMed once, before it had
+    installed its handler, logs no "graceful shutdown": not counted."""
+    lines = journal.splitlines()
+    graceful = {m.group(1) for line in lines if (m := _GRACEFUL.search(line))}
+    return [line for line in lines
+            if "graceful shutdown initiated by unexpected process" in line
+            or ((m := _KILLED_BY_TERM.search(line)) and m.group(1) in graceful)]
 
 
 def new_workdir(tag: str) -> Path:

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -43,12 +44,22 @@ def require_root_and_cyrus() -> None:
         problems.append("user 'cyrus' missing (package cyrus-common)")
     if not problems:
         return
-    reason = "system test needs root + Cyrus: " + "; ".join(problems)
+    skip_loudly_or_fail_in_ci("system test needs root + Cyrus: " + "; ".join(problems))
+
+
+def skip_loudly_or_fail_in_ci(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} -- CI must run every system test, refusing to skip", pytrace=False)
     print(f"\nWARNING: SKIPPING: {reason}", file=sys.stderr)
-    warnings.warn(f"SKIPPED system test: {reason}", stacklevel=2)
+    warnings.warn(f"SKIPPED system test: {reason}", stacklevel=3)
     pytest.skip(reason)
+
+
+def require_syslog_capture(sink: SyslogSink) -> None:
+    """For a test that asserts the ABSENCE of a Cyrus log line: without capture it would pass blindly."""
+    if not sink.capturing:
+        skip_loudly_or_fail_in_ci("another process owns /dev/log: Cyrus's log lines are not visible, "
+                                  "a probe for a line that must not appear would pass blindly")
 
 
 @pytest.fixture
@@ -206,6 +217,12 @@ def wheelhouse(tmp_path_factory):
     return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
 
 
+# ---- the pair under cyrushelper's units in a throwaway systemd (testbed.scenario) ----
+
+PRIMARY = "cyrus@primary.service"
+REPLICA = "cyrus@replica.service"
+
+
 @pytest.fixture
 def release(request) -> str:
     """The Debian release a container boots: the host's own, unless a test is parametrized with
@@ -237,6 +254,28 @@ def lab_factory(request, wheelhouse, release):
         container.__exit__(None, None, None)
         if not os.environ.get("CYRUSHELPER_KEEP_LAB"):
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def started(lab: LabSystem, **kwargs) -> LabSystem:
+    """cyrushelper's units installed, replica and primary started."""
+    lab.install_cyrushelper_units(**kwargs)
+    lab.start(REPLICA, PRIMARY)
+    return lab
+
+
+def until(condition, timeout: float, what: str):
+    """Poll `condition()` until it returns something true (returned) or fail after `timeout`
+    seconds, naming `what` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
+        time.sleep(0.1)
+
+
 # ---- a Cyrus binary directory of do-nothing programs (socket mode's plan and units) ----
 
 FAKE_CYRUS_PROGRAMS = ("imapd", "lmtpd", "pop3d", "nntpd", "httpd", "timsieved", "notifyd", "sync_client",

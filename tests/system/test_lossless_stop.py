@@ -5,11 +5,18 @@ What the product promises an operator:
 - `systemctl stop|restart cyrus@primary` under continuous LMTP load ends `Result=success` with
   the sync log empty at the moment the unit is inactive and every acknowledged message on the
   replica, without a manual drain and without a Cyrus child being SIGTERMed twice;
+- no LMTP transaction is cut mid-way by a stop, not even a slow one whose body is still arriving
+  when the fence goes up; the MTA (the load, which retries like one) sees 421 instead, and no
+  message is delivered twice;
+- the double-SIGTERM probe is proven able to match: a Debian-style unit (KillMode=control-group)
+  shows "graceful shutdown initiated by unexpected process", or children that began a graceful
+  shutdown dying of a second SIGTERM;
 - `systemctl stop cyrus` with a local replica instance stops the replica only after the primary
   has drained;
 - with the replica down, the stop fails visibly inside its deadline and keeps every event;
   once the replica is back, `cyrushelper drain` replays them with nothing lost;
-- a drain longer than TimeoutStopSec completes (EXTEND_TIMEOUT_USEC pulses);
+- a drain longer than TimeoutStopSec completes (EXTEND_TIMEOUT_USEC pulses); STATUS= shows the
+  live backlog before it;
 - a child that ignores SIGTERM gives a bounded stop, an unclean marker, reported by `status`;
 - the fence's grace waits for user sessions only, not for master's DAEMON children (3.10 lists them).
 
@@ -21,35 +28,35 @@ tests/system/test_socket_mode.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from cyrushelper import exitcodes
+from cyrushelper.synclog import pending_files
 from testbed import images
 from testbed.relay import read_record
 from testbed.scenario import LabSystem
 from tests.bounds import upper
+from tests.conftest import PRIMARY, REPLICA, started, until
 
 # Every lossless-stop promise holds on each supported Debian release: the host's own and the other
 # one (Debian 12: Cyrus 3.6.1, systemd 252; Debian 13: Cyrus 3.10.2, systemd 257, Python 3.13).
 pytestmark = [pytest.mark.system,
               pytest.mark.parametrize("release", images.releases_under_test(), indirect=True)]
 
-PRIMARY = "cyrus@primary.service"
-REPLICA = "cyrus@replica.service"
 MODES = ("master", "systemd")  # generate --listeners
-
-
-def _started(lab: LabSystem, **kwargs) -> LabSystem:
-    lab.install_cyrushelper_units(**kwargs)
-    lab.start(REPLICA, PRIMARY)
-    return lab
 
 
 def _drain_lines(journal: str) -> list[str]:
     return [line for line in journal.splitlines() if "cyrushelper" in line and "drained" in line]
+
+
+def _holding(record: Path) -> bool:
+    return record.with_name(record.name + ".holding").exists()
 
 
 # Releases whose Cyrus carries the fix for the shutdown hang (cyrus-imapd #5309: in 3.8.6, 3.10.2,
@@ -59,27 +66,35 @@ HANG_FIXED = {"trixie"}
 
 @pytest.mark.parametrize("mode", MODES)
 def test_stop_under_load_is_lossless(lab_factory, release, mode):
-    lab = _started(lab_factory(rolling=True), listeners=mode)
+    # no rolling sync_client: everything the load delivers waits in the sync log, so the stop's
+    # drain has all of it to replicate (lines_before below is the whole load)
+    lab = started(lab_factory(rolling=False), listeners=mode)
     assert lab.c.show(PRIMARY, "StatusText")["StatusText"].startswith("backlog")
-    load, record = lab.start_load(seconds=120)
+    load, record = lab.start_load(seconds=120, hold_user="bob")
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300, "load did not get going"
+    until(lambda: _holding(record), 30, "the slow sender to be inside its body")
 
     stop = lab.stop(PRIMARY)
     lab.stop_load(load)
 
     assert (stop.result, stop.active_state) == ("success", "inactive"), lab.journal(PRIMARY)[-4000:]
     assert stop.files_left == {"default": []}, "sync log not empty when the unit became inactive"
+    stats = lab.load_stats(record)
+    assert stats["cut_mid_way"] == 0, stats
+    assert stats["held"] == "acknowledged", stats     # its body finished after the fence went up
+    assert stats["outcomes"]["refused_421"] >= 1, stats
     report = lab.verify(record)
     assert report["acknowledged"] >= 300
-    assert report["missing"] == 0, report
+    assert (report["missing"], report["duplicated"]) == (0, 0), report
     assert lab.unexpected_sigterm_lines() == []
     drain = lab.state_file("last-drain.json")
     assert drain is not None and drain["exit_code"] == 0, drain
+    assert drain["channels"][0]["lines_before"] > 0, f"the drain had nothing to do: {drain}"
     hung = bool(lab.state_file("last-stop.json").get("master_hung_after_children"))
     if release in HANG_FIXED:
         assert not hung, "Cyrus with the #5309 fix hung after its last child"
     print(f"{release}/{mode}: stop took {stop.seconds:.2f}s, master hung after its children: {hung}; "
-          f"{report['summary']}; drain: {json.dumps(drain)[:400]}")
+          f"{report['summary']}; load: {json.dumps(stats)}; drain: {json.dumps(drain)[:400]}")
 
 
 def test_fence_does_not_wait_for_daemon_children(lab_factory, release):
@@ -90,7 +105,7 @@ def test_fence_does_not_wait_for_daemon_children(lab_factory, release):
     entry = '  idler cmd="/bin/sleep 3600"\n'
     conf = conf.replace("DAEMON {\n", "DAEMON {\n" + entry) if "DAEMON {" in conf else conf + f"DAEMON {{\n{entry}}}\n"
     lab.pair.primary_cyrus_conf.write_text(conf)
-    _started(lab)
+    started(lab)
     record = lab.deliver(20, tag="daemon")
 
     stop = lab.stop(PRIMARY)
@@ -102,7 +117,7 @@ def test_fence_does_not_wait_for_daemon_children(lab_factory, release):
 
 
 def test_restart_under_load_is_lossless(lab_factory):
-    lab = _started(lab_factory(rolling=True))
+    lab = started(lab_factory(rolling=True))
     load, record = lab.start_load(seconds=120)
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
     before = lab.state_file("last-drain.json")
@@ -120,14 +135,39 @@ def test_restart_under_load_is_lossless(lab_factory):
     stop = lab.stop(PRIMARY)
     lab.stop_load(load)
     assert stop.result == "success" and stop.total_left == 0
+    stats = lab.load_stats(record)
+    assert stats["cut_mid_way"] == 0, stats
     report = lab.verify(record)
-    assert report["missing"] == 0, report
+    assert (report["missing"], report["duplicated"]) == (0, 0), report
     assert lab.unexpected_sigterm_lines() == []
+    print(f"restart took {restart.seconds:.2f}s; load: {json.dumps(stats)}")
+
+
+def test_double_sigterm_probe_matches_with_a_debian_style_unit(lab_factory):
+    """The probe `unexpected_sigterm_lines() == []` above proves something only if it can match:
+    the same stop under load with the primary run as Debian ships it (KillMode=control-group:
+    systemd and master both SIGTERM every child) must show Cyrus's evidence of it, on each release
+    (testbed.scenario.double_sigterm_lines: which of the two signals comes first differs)."""
+    lab = lab_factory(rolling=True)
+    lab.install_cyrushelper_units()
+    stock = lab.install_stock_unit()
+    lab.start(REPLICA, stock)
+    load, record = lab.start_load(seconds=120)
+    assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
+
+    stop = lab.stop(stock)
+    lab.stop_load(load)
+
+    lines = lab.unexpected_sigterm_lines()
+    assert lines, "no child SIGTERMed twice with KillMode=control-group: the probe cannot match"
+    stats = lab.load_stats(record)
+    print(f"stock stop {stop.seconds:.2f}s, {len(lines)} children SIGTERMed twice, "
+          f"{stop.total_left} sync log lines left; load: {json.dumps(stats)}")
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory, mode):
-    lab = _started(lab_factory(rolling=True), listeners=mode)
+    lab = started(lab_factory(rolling=True), listeners=mode)
     load, record = lab.start_load(seconds=120)
     assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
 
@@ -145,25 +185,34 @@ def test_umbrella_stop_drains_primary_before_replica_stops(lab_factory, mode):
     lab.start(REPLICA)          # only the replica: nothing can replicate any more
     report = lab.verify(record)
     assert report["missing"] == 0, report
+    assert lab.load_stats(record)["cut_mid_way"] == 0
     assert lab.unexpected_sigterm_lines() == []
+
+
+def _sync_log_digests(lab: LabSystem) -> dict[str, str]:
+    """sha256 of every pending sync log file of the primary, by path: byte for byte, not lines."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for channel in lab.instance().channels for p in pending_files(channel)}
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rolling,recovery", [(True, "drain"), (False, "start")])
 def test_replica_down_stop_fails_visibly_and_keeps_every_event(lab_factory, rolling, recovery, mode):
-    lab = _started(lab_factory(rolling=rolling), listeners=mode,
-                   extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_DRAIN_OPTS=--deadline 20\"\n"})
+    lab = started(lab_factory(rolling=rolling), listeners=mode,
+                  extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_DRAIN_OPTS=--deadline 20\"\n"})
     lab.c.systemctl("stop", REPLICA)
     record = lab.deliver(200, tag="replicadown")
     time.sleep(1.5)  # a rolling sync_client tries (and fails) meanwhile: events must stay anyway
     kept = lab.backlog()
     assert kept["default"] >= 200
+    kept_bytes = _sync_log_digests(lab)
 
     stop = lab.stop(PRIMARY)
 
     assert stop.active_state == "failed" and stop.result == "exit-code", stop
     assert stop.seconds < upper(20, work=5), f"stop took {stop.seconds:.1f}s, beyond the drain deadline"
-    assert stop.lines_left == kept, "the failed drain touched the events"
+    assert stop.lines_left == kept
+    assert _sync_log_digests(lab) == kept_bytes, "the failed drain touched the events"
     journal = lab.journal(PRIMARY)
     unreachable = [line for line in journal.splitlines()
                    if "channel default" in line and "127.0.0.1:" in line and str(kept["default"]) in line]
@@ -195,11 +244,15 @@ def test_drain_longer_than_timeout_stop_sec_completes(lab_factory):
     least bytes/RATE seconds -- more than twice TimeoutStopSec on any machine. The stop can then end
     `success` only because the drain's EXTEND_TIMEOUT_USEC pulses kept extending the timer."""
     timeout_stop, rate = 2, 10_000
-    lab = _started(lab_factory(rolling=False, sync_relay=True),
-                   extra_dropin={"primary": f"[Service]\nTimeoutStopSec={timeout_stop}s\n"})
+    lab = started(lab_factory(rolling=False, sync_relay=True),
+                  extra_dropin={"primary": f"[Service]\nTimeoutStopSec={timeout_stop}s\n"})
     _, relay_record = lab.start_relay(rate)
     record = lab.deliver(800, tag="bigbacklog")
-    assert lab.backlog()["default"] >= 800
+    backlog = lab.backlog()["default"]
+    assert backlog >= 800
+    # the live backlog in STATUS= (inotify on the sync directory, real Cyrus appending)
+    until(lambda: lab.c.show(PRIMARY, "StatusText")["StatusText"] == f"backlog default={backlog}", 30,
+          f"STATUS=backlog default={backlog}")
 
     lab.c.run("systemd-analyze", "log-level", "debug")   # PID 1 then logs every notify message
     stop = lab.stop(PRIMARY)
@@ -214,7 +267,7 @@ def test_drain_longer_than_timeout_stop_sec_completes(lab_factory):
                if "Got notification message" in line and "EXTEND_TIMEOUT_USEC=" in line]
     assert len(extends) >= 2, "no EXTEND_TIMEOUT_USEC pulses reached systemd"
     drain = lab.state_file("last-drain.json")
-    assert drain["exit_code"] == 0 and drain["channels"][0]["lines_before"] >= 800, drain
+    assert drain["exit_code"] == 0 and drain["channels"][0]["lines_before"] == backlog, drain
     report = lab.verify(record)
     assert report["missing"] == 0, report
     print(f"drain of {drain['channels'][0]['lines_before']} lines, {forwarded} bytes through the relay "
@@ -233,8 +286,8 @@ def test_child_ignoring_sigterm_gives_bounded_unclean_stop(lab_factory, mode):
     conf = conf.replace("DAEMON {\n", "DAEMON {\n" + entry) if "DAEMON {" in conf else conf + f"DAEMON {{\n{entry}}}\n"
     lab.pair.primary_cyrus_conf.write_text(conf)
     stop_timeout = 4
-    _started(lab, listeners=mode, extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_RUN_OPTS="
-                                                          f"--stop-timeout {stop_timeout}\"\n"})
+    started(lab, listeners=mode, extra_dropin={"primary": "[Service]\nEnvironment=\"CYRUSHELPER_RUN_OPTS="
+                                                         f"--stop-timeout {stop_timeout}\"\n"})
     record = lab.deliver(50, tag="stubborn")
 
     stop = lab.stop(PRIMARY)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -20,8 +21,11 @@ from pathlib import Path
 import pytest
 
 from cyrushelper import exitcodes, proc
+from testbed.mail import message, message_ids
 from testbed.pair import CyrusPair
 
+from tests.conftest import require_syslog_capture
+from tests.unit.test_fence import assert_ends_once_nothing_is_left, stop_in_background
 from tests.unit.test_supervisor_fakes import NotifySocket  # noqa: E402
 
 pytestmark = pytest.mark.system
@@ -107,9 +111,15 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = 10.0) -> byt
 
 
 def test_ready_fence_and_clean_stop_with_one_sigterm(pair, notify, runs, syslog_sink):
-    mark = syslog_sink.mark()
+    # the journal/syslog probe for a double SIGTERM must be able to match, or its silence proves nothing
+    require_syslog_capture(syslog_sink)
     run = runs(pair, notify)
     t_ready, fields = notify.wait_for("READY", "1", timeout=30)
+    master = proc.running_master(pair.pid_file("primary"))
+    [idle] = [p for p in proc.session_members(master) if proc.comm(p) == "lmtpd"]  # READY's probe left it
+    proc.signal_pids([idle], signal.SIGTERM)  # from us, not from master: Cyrus must say so
+    assert syslog_sink.wait_for(f"{UNEXPECTED} {os.getpid()} ", timeout=10), "the probe cannot match"
+    mark = syslog_sink.mark()
     # READY means serving: the IMAP greeting is there at once
     with socket.create_connection(("127.0.0.1", pair.ports.primary_imap), timeout=2) as s:
         assert read_until(s, b"\r\n", 2).startswith(b"* OK")
@@ -151,8 +161,7 @@ def test_ready_fence_and_clean_stop_with_one_sigterm(pair, notify, runs, syslog_
     assert time.time() - t_fence < 8 / 2, "the grace (8 s) did not end early once no session was left"
     assert not notify.has("STOPPING"), "the fence must not arm systemd's stop timer"
 
-    master = proc.running_master(pair.pid_file("primary"))
-    assert master is not None
+    assert proc.running_master(pair.pid_file("primary")) == master
     run.p.send_signal(signal.SIGTERM)
     assert run.wait() == exitcodes.OK, run.output
     notify.wait_for("STOPPING", "1")
@@ -208,3 +217,52 @@ def test_stuck_daemon_gives_bounded_unclean_stop_then_auto_reconcile(pair, notif
     run2.p.send_signal(signal.SIGTERM)
     assert run2.wait() == exitcodes.OK, run2.output
     assert "every channel re-synced" in run2.output
+
+
+def _lmtp_in_flight(address, rcpt: str, tag: str) -> tuple[smtplib.LMTP, bytes]:
+    """An LMTP transaction inside its body: MAIL, RCPT and DATA accepted, half the message sent.
+    Returns the connection and the rest of the message (with the end of data)."""
+    conn = smtplib.LMTP(*address) if isinstance(address, tuple) else smtplib.LMTP(address)
+    assert conn.ehlo()[0] == 250
+    assert conn.docmd("MAIL FROM:<sender@lab.test>")[0] == 250
+    assert conn.docmd(f"RCPT TO:<{rcpt}>")[0] == 250
+    assert conn.docmd("DATA")[0] == 354
+    _, body = message(tag, 0, rcpt)
+    half = body.index(b"\r\n", len(body) // 2) + 2
+    conn.send(body[:half])
+    return conn, body[half:] + b".\r\n"
+
+
+def test_stop_lets_lmtp_deliveries_in_flight_finish(pair):
+    """lmtpd registers no session: the grace must still wait for a delivery inside its body, on a
+    TCP and on a UNIX listener, and end once they finished; what the fence refuses gets 421."""
+    socket_path = pair.config_dir("primary") / "socket" / "lmtp"
+    conf = pair.primary_cyrus_conf
+    conf.write_text(conf.read_text().replace("SERVICES {\n", "SERVICES {\n  lmtpunix cmd=\"lmtpd -C "
+                                             f"{pair.primary_imapd_conf} -a\" listen=\"{socket_path}\"\n"))
+    pair.start("primary")
+    tcp, tcp_rest = _lmtp_in_flight(("127.0.0.1", pair.ports.primary_lmtp), "alice", "fence-tcp")
+    unix, unix_rest = _lmtp_in_flight(str(socket_path), "bob", "fence-unix")
+    idle = smtplib.LMTP("127.0.0.1", pair.ports.primary_lmtp)
+    assert idle.ehlo()[0] == 250            # connected, no transaction
+
+    with stop_in_background(*conf_args(pair), "--grace", "60") as stop:
+        said = stop.stderr.readline()
+        assert "0 session(s) and 3 LMTP connection(s) open" in said, said
+        with pytest.raises(subprocess.TimeoutExpired):
+            stop.wait(timeout=1.5)
+        assert idle.docmd("MAIL FROM:<sender@lab.test>")[0] == 421   # the fence: no new transaction
+        tcp.send(tcp_rest)
+        assert tcp.getreply()[0] == 250                                # finished, not cut
+        assert tcp.docmd("MAIL FROM:<sender@lab.test>")[0] == 421
+        with pytest.raises(subprocess.TimeoutExpired):
+            stop.wait(timeout=1.5)                                     # the UNIX one is still open
+        unix.send(unix_rest)
+        assert unix.getreply()[0] == 250
+        assert unix.docmd("QUIT")[0] == 221
+        assert_ends_once_nothing_is_left(stop)
+    for conn in (tcp, unix, idle):
+        conn.close()
+    (pair.config_dir("primary") / "msg" / "shutdown").unlink()
+    assert "<fence-tcp-0@lab.test>" in message_ids(pair.ports.primary_imap, "alice")
+    assert "<fence-unix-0@lab.test>" in message_ids(pair.ports.primary_imap, "bob")

@@ -17,7 +17,7 @@ import json
 import pytest
 
 from cyrushelper import exitcodes
-from tests.system.test_lossless_stop import PRIMARY, REPLICA  # lab_factory: tests/conftest.py
+from tests.conftest import PRIMARY, REPLICA
 
 pytestmark = pytest.mark.system
 

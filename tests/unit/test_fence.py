@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from cyrushelper import exitcodes, fence
+from cyrushelper import exitcodes, fence, proc
 from cyrushelper.config import Instance
 from tests.unit.test_supervisor_fakes import FakeCyrus
 from tests.bounds import upper
@@ -102,11 +103,40 @@ def _stop(fake, *extra):
                           env=fake.env(), capture_output=True, text=True, timeout=30)
 
 
-def test_stop_without_master_writes_no_fence(fake):
-    r = _stop(fake)
+@pytest.mark.parametrize("pid_file", ["absent", "dead process", "live process that is no master"])
+def test_stop_without_master_writes_no_fence(fake, pid_file):
+    """A fence left by a stop of an instance that does not run would greet its next start's users
+    with BYE (run removes it, but a manual start of master would not)."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        if pid_file == "dead process":
+            dead = subprocess.Popen(["true"])
+            dead.wait()
+            fake.pid_file.write_text(f"{dead.pid}\n")
+        elif pid_file != "absent":
+            fake.pid_file.write_text(f"{other.pid}\n")  # the PID was reused since master exited
+        r = _stop(fake)
+    finally:
+        other.kill()
+        other.wait()
     assert r.returncode == 0, r.stderr
     assert "no master running" in r.stderr
     assert not (fake.config / "msg" / "shutdown").exists()
+
+
+def test_stop_with_a_running_master_writes_the_fence(fake):
+    master = subprocess.Popen([str(fake.bindir / "master"), *fake.args(), "-p", str(fake.pid_file), "-D"],
+                              env=fake.env("no_listen"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while fake.first("master start") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = _stop(fake, "--grace", "0")
+    finally:
+        proc.kill_session(master.pid)   # master and the children it forked (they outlive a lone master)
+        master.wait()
+    assert r.returncode == 0, r.stderr
+    assert (fake.config / "msg" / "shutdown").exists()
 
 
 def test_stop_force_writes_fence_with_message(fake):
@@ -168,3 +198,82 @@ def test_daemon_and_event_children_are_not_sessions(fake):
         assert [s.pid for s in fence.sessions(inst)] == [pids[2]]
         os.unlink(fake.config / "proc" / str(pids[2]))
         assert fence.wait_for_sessions(inst, grace=30) == []
+# --------------------------------------------------------------------------- deliveries in flight
+
+@pytest.fixture
+def lmtp_listener(fake):
+    """Stands in for lmtpd on the fake cyrus.conf's LMTP port: (listener, accept())."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", fake.lmtp_port))
+    listener.listen(8)
+    opened = [listener]
+
+    def connect() -> socket.socket:
+        opened.append(socket.create_connection(("127.0.0.1", fake.lmtp_port)))
+        opened.append(listener.accept()[0])
+        return opened[-1]
+    yield connect
+    for s in opened:
+        s.close()
+
+
+def test_deliveries_are_the_lmtp_connections_open_at_the_fence(instance, fake, lmtp_listener):
+    assert [str(listen) for listen in fence.delivery_listeners(instance)] == [f"127.0.0.1:{fake.lmtp_port}"]
+    first, second = lmtp_listener(), lmtp_listener()
+    with socket.socket() as imap:  # an IMAP connection is a session (proc_path), not a delivery
+        imap.bind(("127.0.0.1", fake.imap_port))
+        imap.listen(1)
+        deliveries = fence.Deliveries(instance)
+    assert deliveries.left() == {os.fstat(s.fileno()).st_ino for s in (first, second)}
+    lmtp_listener()  # opened after the fence: MAIL would get 421, it cannot be inside a transaction
+    first.close()
+    assert deliveries.left() == {os.fstat(second.fileno()).st_ino}
+
+
+def test_grace_waits_for_an_open_delivery_and_ends_when_it_closes(instance, fake, lmtp_listener):
+    server_side = lmtp_listener()
+    deliveries = fence.Deliveries(instance)
+    threading.Timer(0.4, server_side.close).start()
+    t0 = time.monotonic()
+    left = fence.wait_for_sessions(instance, grace=10, deliveries=deliveries)
+    assert left == [] and deliveries.left() == set()
+    assert 0.3 < time.monotonic() - t0 < 5
+
+
+def test_grace_for_deliveries_is_bounded(instance, fake, lmtp_listener):
+    lmtp_listener()
+    deliveries = fence.Deliveries(instance)
+    t0 = time.monotonic()
+    fence.wait_for_sessions(instance, grace=0.6, deliveries=deliveries)
+    assert 0.5 < time.monotonic() - t0 < 3
+    assert len(deliveries.left()) == 1
+
+
+@contextlib.contextmanager
+def stop_in_background(*args: str, env: dict | None = None):
+    """`cyrushelper stop ARGS` running (stderr piped); killed at the end if it still runs."""
+    stop = subprocess.Popen([sys.executable, "-m", "cyrushelper", "stop", *args], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        yield stop
+    finally:
+        if stop.poll() is None:
+            stop.kill()
+            stop.wait()
+
+
+def assert_ends_once_nothing_is_left(stop: subprocess.Popen) -> None:
+    assert stop.wait(timeout=30) == 0
+    assert "no session and no LMTP delivery left" in stop.stderr.read()
+
+
+def test_stop_waits_for_a_delivery_in_flight(fake, lmtp_listener):
+    server_side = lmtp_listener()
+    with stop_in_background(*fake.args(), "--force", "--grace", "60", env=fake.env()) as stop:
+        said = stop.stderr.readline()
+        assert "0 session(s) and 1 LMTP connection(s) open" in said, said
+        with pytest.raises(subprocess.TimeoutExpired):
+            stop.wait(timeout=1.5)  # still waiting: the delivery may be inside a transaction
+        server_side.close()
+        assert_ends_once_nothing_is_left(stop)

@@ -10,19 +10,25 @@ import time
 
 import pytest
 
-from testbed.mail import (LmtpLoad, Record, RecordError, Report, deliver_lmtp, login_name, message,
-                                  parse_mbexamine, parse_record_line, read_records)
+from testbed.mail import (Hold, LmtpClient, LmtpLoad, Record, RecordError, Report, deliver_lmtp, login_name,
+                          message, parse_mbexamine, parse_record_line, read_records)
 
 
 class FakeLmtp(socketserver.ThreadingTCPServer):
-    """Accepts `accept_per_connection` messages per connection, then answers 421 and hangs up."""
+    """Accepts `accept_per_connection` messages per connection, then answers 421 and hangs up.
+
+    `plan`: what the next connections do, one word each, then they behave normally: "ok",
+    "close@greeting" (hang up before 220), "421@mail", "close@rcpt" (hang up on RCPT, after MAIL
+    was accepted), "close@end" (store the message, then hang up instead of answering: the client
+    cannot know it was delivered)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, accept_per_connection: int | None = None):
+    def __init__(self, accept_per_connection: int | None = None, plan: list[str] | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.accept_per_connection = accept_per_connection
+        self.plan = list(plan or [])
         self.acknowledged: list[bytes] = []
         self.lock = threading.Lock()
 
@@ -30,10 +36,17 @@ class FakeLmtp(socketserver.ThreadingTCPServer):
     def port(self) -> int:
         return self.server_address[1]
 
+    def next_plan(self) -> str:
+        with self.lock:
+            return self.plan.pop(0) if self.plan else "ok"
+
 
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self):
         server: FakeLmtp = self.server
+        plan = server.next_plan()
+        if plan == "close@greeting":
+            return
         accepted = 0
         self.wfile.write(b"220 fake LMTP ready\r\n")
         while True:
@@ -43,6 +56,11 @@ class _Handler(socketserver.StreamRequestHandler):
             verb = line.split(b" ", 1)[0].strip().upper()
             if verb == b"LHLO":
                 self.wfile.write(b"250-fake\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL" and plan == "421@mail":
+                self.wfile.write(b"421 4.3.2 shutting down\r\n")
+                return
+            elif verb == b"RCPT" and plan == "close@rcpt":
+                return
             elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
                 self.wfile.write(b"250 ok\r\n")
             elif verb == b"DATA":
@@ -60,6 +78,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 accepted += 1
                 with server.lock:
                     server.acknowledged.append(body)
+                if plan == "close@end":
+                    return
                 self.wfile.write(b"250 2.1.5 Ok SESSIONID=<x>\r\n")
             elif verb == b"QUIT":
                 self.wfile.write(b"221 bye\r\n")
@@ -70,7 +90,8 @@ class _Handler(socketserver.StreamRequestHandler):
 
 @pytest.fixture
 def fake_lmtp(request):
-    server = FakeLmtp(getattr(request, "param", None))
+    param = getattr(request, "param", None)
+    server = FakeLmtp(plan=param) if isinstance(param, list) else FakeLmtp(param)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server
@@ -122,13 +143,16 @@ def test_load_reconnects_after_421_and_records_exactly(fake_lmtp, tmp_path):
     with LmtpLoad(fake_lmtp.port, ["alice", "bob"], record, max_seconds=20) as load:
         assert load.wait_acknowledged(30, timeout=15)
     stats = load.stats
-    assert stats.failed > 0  # the 421s
+    assert stats.outcomes["refused_421"] > 0
     lines = record_lines(record)
-    assert len(lines) == stats.acknowledged == len(fake_lmtp.acknowledged)
+    # a message refused with 421 is retried with its Message-ID: each one reached the server once
+    assert len(lines) == stats.acknowledged == len(fake_lmtp.acknowledged) == len(set(ids_in(fake_lmtp)))
     assert sorted(mid for _, mid in lines) == sorted(ids_in(fake_lmtp))
     assert {rcpt for rcpt, _ in lines} == {"alice", "bob"}
     assert sum(stats.per_user.values()) == stats.acknowledged
-    assert stats.attempted == stats.acknowledged + stats.failed
+    assert stats.attempts == stats.acknowledged + stats.outcomes["refused_421"]
+    assert stats.messages == stats.acknowledged + stats.queued
+    assert stats.cut_mid_way == 0
 
 
 def test_load_stops_at_max_messages(fake_lmtp, tmp_path):
@@ -149,8 +173,55 @@ def test_load_tolerates_refused_connections_and_stops_promptly(tmp_path):
     started = time.monotonic()
     stats = load.stop()
     assert time.monotonic() - started < 30 / 2   # stopped, not left to run its max_seconds
-    assert stats.connect_failures >= 2 and stats.acknowledged == 0
+    assert stats.outcomes["connection_refused"] >= 2 and stats.acknowledged == 0
+    assert stats.messages == stats.queued == 1  # one message, retried, still queued
     assert record_lines(tmp_path / "rec") == []
+
+
+@pytest.mark.parametrize("fake_lmtp", [["close@greeting", "421@mail", "close@rcpt", "close@end", "ok"]],
+                         indirect=True)
+def test_load_classifies_every_attempt_and_retries_the_same_message(fake_lmtp, tmp_path):
+    record = tmp_path / "rec"
+    with LmtpLoad(fake_lmtp.port, ["alice"], record, max_messages=2) as load:
+        deadline = time.monotonic() + 15
+        while load.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+    stats = load.stats
+    assert {k: v for k, v in stats.outcomes.items() if v} == {
+        "lost_before_greeting": 1, "refused_421": 1, "cut_in_transaction": 1, "cut_after_end_of_data": 1,
+        "acknowledged": 2}
+    assert stats.cut_mid_way == 2 and stats.attempts == 6 and stats.messages == 2 and stats.queued == 0
+    ids = ids_in(fake_lmtp)
+    # the message cut after its end of data had been stored: the retry stored it again
+    assert ids == ["<%s-0@lab.test>" % load.tag] * 2 + ["<%s-1@lab.test>" % load.tag]
+    assert [mid for _, mid in record_lines(record)] == ids[1:]
+    as_json = stats.as_dict()
+    assert as_json["cut_mid_way"] == 2 and as_json["outcomes"]["acknowledged"] == 2
+
+
+def test_client_outcome_when_nothing_listens():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, body = message("t", 0, "alice")
+    assert LmtpClient(port).attempt("alice", body) == "connection_refused"
+
+
+def test_held_sender_keeps_its_body_open_until_the_file_appears(fake_lmtp, tmp_path):
+    until, marker = tmp_path / "fence", tmp_path / "holding"
+    hold = Hold("bob", until, extra=0.2, marker=marker)
+    with LmtpLoad(fake_lmtp.port, ["alice"], tmp_path / "rec", max_seconds=30, hold=hold) as load:
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists() and load.wait_acknowledged(20)
+        assert not any(b"To: bob@" in body for body in fake_lmtp.acknowledged), "held body went through"
+        until.touch()
+        deadline = time.monotonic() + 10
+        while load.stats.held is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert load.stats.held == "acknowledged" and load.stats.per_user["bob"] == 1
+    assert sum(b"To: bob@" in body for body in fake_lmtp.acknowledged) == 1
 
 
 @pytest.mark.parametrize("fake_lmtp", [2], indirect=True)
@@ -186,14 +257,15 @@ def test_load_with_a_connection_per_message_classifies_refusals(tmp_path):
     t = threading.Thread(target=hang_up, daemon=True)
     t.start()
     try:
-        for port, outcome in ((closed_port, "refused"), (mute.getsockname()[1], "reset")):
+        for port, outcome in ((closed_port, "connection_refused"), (mute.getsockname()[1], "lost_before_greeting")):
             load = LmtpLoad(port, ["alice"], tmp_path / f"rec-{outcome}", max_messages=3,
                             connection_per_message=True).start()
-            deadline = time.monotonic() + 20
-            while load.running and time.monotonic() < deadline:
+            deadline = time.monotonic() + 20   # the one message is retried, like an MTA does
+            while load.stats.attempts < 3 and time.monotonic() < deadline:
                 time.sleep(0.01)
             stats = load.stop()
-            assert stats.outcomes[outcome] == 3 and stats.acknowledged == 0, stats.outcomes
+            assert stats.outcomes[outcome] == stats.attempts >= 3, stats.outcomes
+            assert stats.acknowledged == 0 and stats.messages == stats.queued == 1
     finally:
         stop.set()
         t.join()
@@ -255,7 +327,7 @@ def test_login_name():
 
 def test_report():
     ok = Report(3, 3, [], {"alice": (3, 3)})
-    assert ok.ok and ok.summary() == "acknowledged=3 present=3 missing=0 (alice=3/3)"
+    assert ok.ok and ok.summary() == "acknowledged=3 present=3 missing=0 duplicated=0 (alice=3/3)"
     bad = Report(3, 2, [("alice", "<a@x>")], {"alice": (3, 2)})
     assert not bad.ok and "missing=1" in bad.summary()
 

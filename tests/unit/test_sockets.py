@@ -239,3 +239,33 @@ def test_jobs_get_sigterm_at_once_daemons_only_once_the_workers_are_gone(tmp_pat
     assert sorted(fake.signals) == sorted([("cyrus-x-lmtp@1.service", signal.SIGHUP),
                                            ("cyrus-x-event-checkpoint.service", signal.SIGTERM),
                                            ("cyrus-x-syncclient.service", signal.SIGTERM)])
+
+
+def test_an_lmtp_delivery_in_flight_finishes_before_its_worker_gets_sighup(tmp_path, fake_cyrus_bindir, workers):
+    """SIGHUP would cut lmtpd's read of a message body (lib/prot.c): with an LMTP connection open
+    at the stop, the fence goes up at once and the LMTP workers get SIGHUP only once it closed."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        imapd, conf = tmp_path / "imapd.conf", tmp_path / "cyrus.conf"
+        imapd.write_text(f"configdirectory: {tmp_path}/conf\npartition-default: {tmp_path}/spool\n")
+        conf.write_text(f'SERVICES {{\n  lmtp cmd="lmtpd" listen="127.0.0.1:{port}"\n}}\n')
+        inst = Instance.load(imapd, conf, "x")
+        plan = listeners.plan(inst, {"lmtp": 1})
+        workers.inst = inst
+        log = workers.start("idle", plan.worker_units[0])
+        client = socket.create_connection(("127.0.0.1", port))
+        delivery, _ = listener.accept()   # held by "lmtpd", inside its transaction
+
+        def transaction_done():
+            with open(log, "a") as f:
+                f.write("delivery closed\n")
+            delivery.close()
+        threading.Timer(0.3, transaction_done).start()
+        sup, _ = supervisor((inst, plan), workers, "restart")
+        try:
+            assert sup.stop("signal SIGTERM")["result"] == "clean"
+        finally:
+            client.close()
+    assert events(log) == ["up fence=no", "delivery closed", "HUP fence=yes"]

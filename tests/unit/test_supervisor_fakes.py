@@ -3,11 +3,16 @@
 The fake master behaves like master/master.c where the supervisor depends on it: it writes its
 pid file, binds every SERVICES `listen=` port (after an optional slow start), greets connections
 like imapd, forks children, and on SIGTERM signals each child once and exits when they are gone.
-Every signal it or a child receives is appended to FAKE_LOG, so a test can count them.
+Its children behave like Cyrus's (lib/signals.c, SA_RESETHAND): the first SIGTERM asks them to
+exit, a second one kills them on the spot.
+Every SIGTERM/SIGHUP it or a child receives is appended to FAKE_LOG with its sender (si_pid, taken
+with sigtimedwait: the signals are blocked and collected, as Cyrus's handler reads si_pid), so a
+test can count them and tell master's signals from anyone else's.
 Modes (FAKE_MASTER_MODE, comma separated): ignore_term, stuck_child, die_after=S, crash_after=S,
 slow_start=S, no_listen, ready_file (behave like 3.10: `-V` says 3.10 and master.ready appears
 after READY_DELAY=S), version=X.Y.Z (what `-V` says), hang (after SIGTERM, never reap a child
-nor exit: the #5309 hang), slow_exit=S (exit S seconds after the last child was reaped).
+nor exit: the #5309 hang as seen from outside), slow_exit=S (exit S seconds after the last child was reaped),
+slow_child (one child exits only once the file FAKE_RELEASE exists after its SIGTERM).
 Every connection master accepts is recorded ("master accepted").
 """
 
@@ -48,33 +53,48 @@ ports = [int(p) for p in re.findall(r'listen="?[0-9.]*:?(\d+)"?', cyrus_conf)]
 if "slow_start" in modes:
     time.sleep(float(modes["slow_start"]))
 children = []
+# a handler is installed (SigCgt, which the helper reads) but the signals are blocked and taken
+# with sigtimedwait, which tells who sent them
+signal.signal(signal.SIGTERM, lambda *_: None)
+signal.signal(signal.SIGHUP, lambda *_: None)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGHUP])
 
-def child(ignore_term):
-    def on_term(*_):
-        record("child SIGTERM")
-        if not ignore_term:
-            os._exit(0)
-    signal.signal(signal.SIGTERM, on_term)
-    while True:
-        time.sleep(0.2)
+def received(who, wait):
+    info = signal.sigtimedwait([signal.SIGTERM, signal.SIGHUP], wait)
+    if info is not None:
+        record(f"{who} {signal.Signals(info.si_signo).name} from={info.si_pid}")
+    return info
 
-for ignore in ([False, True] if "stuck_child" in modes else [False, False]):
+def child(behaviour):
+    while received("child", 0.2) is None:
+        pass
+    if behaviour == "stuck":
+        while True:
+            time.sleep(0.2)
+    # SA_RESETHAND: from now on a second SIGTERM kills at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    if behaviour == "slow":
+        while not os.path.exists(os.environ["FAKE_RELEASE"]):
+            time.sleep(0.02)
+        record("child released")
+    os._exit(0)
+
+behaviours = ["obey", "stuck" if "stuck_child" in modes else "slow" if "slow_child" in modes else "obey"]
+for behaviour in behaviours:
     pid = os.fork()
     if pid == 0:
-        child(ignore)
+        child(behaviour)
     children.append(pid)
 
 in_shutdown = False
-def on_term(*_):
+def on_signal(info):
     global in_shutdown
-    record("master SIGTERM")
-    if "ignore_term" in modes or in_shutdown:
+    if info.si_signo != signal.SIGTERM or "ignore_term" in modes or in_shutdown:
         return
     in_shutdown = True
     for pid in children:
         os.kill(pid, signal.SIGTERM)
-signal.signal(signal.SIGTERM, on_term)
-signal.signal(signal.SIGHUP, lambda *_: record("master SIGHUP"))
 
 sockets = []
 if "no_listen" not in modes:
@@ -99,10 +119,10 @@ while True:
             if how == "exit":
                 os._exit(3)
             os.kill(os.getpid(), signal.SIGKILL)
-    try:
-        readable, _, _ = select.select(sockets, [], [], 0.05)
-    except InterruptedError:
-        readable = []
+    info = received("master", 0)
+    if info is not None:
+        on_signal(info)
+    readable, _, _ = select.select(sockets, [], [], 0.05)
     for s in readable:
         conn, _ = s.accept()
         record("master accepted")
@@ -183,15 +203,24 @@ class FakeCyrus:
         env.pop("JOURNAL_STREAM", None)
         return env
 
-    def events(self) -> list[tuple[float, int, str]]:
+    def _lines(self) -> list[tuple[float, int, str, int | None]]:
         result = []
         for line in self.log.read_text().splitlines():
             t, pid, what = line.split(" ", 2)
-            result.append((float(t), int(pid), what))
+            what, _, sender = what.partition(" from=")
+            result.append((float(t), int(pid), what, int(sender) if sender else None))
         return result
+
+    def events(self) -> list[tuple[float, int, str]]:
+        """(time, PID, what) of every line; a received signal is 'master SIGTERM', 'child SIGHUP' …"""
+        return [(t, pid, what) for t, pid, what, _ in self._lines()]
 
     def count(self, what: str) -> int:
         return sum(1 for _, _, w in self.events() if w == what)
+
+    def senders(self, what: str) -> list[int]:
+        """Who sent each signal logged as `what` (e.g. 'child SIGTERM'), in order."""
+        return [sender for _, _, w, sender in self._lines() if w == what]
 
     def first(self, prefix: str) -> tuple[float, int, str] | None:
         return next((e for e in self.events() if e[2].startswith(prefix)), None)
