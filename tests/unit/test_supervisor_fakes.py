@@ -157,6 +157,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n different free ports: each is held until all are chosen (two free_port() calls in a row
+    can return the same port, and a fake master then fails to bind its second listener)."""
+    held = [socket.socket() for _ in range(n)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 class FakeCyrus:
     """A tree with imapd.conf/cyrus.conf, a bin dir with fake master/sync_client, and the log."""
 
@@ -173,10 +186,10 @@ class FakeCyrus:
             path.chmod(0o755)
         self.log = root / "fake.log"
         self.log.touch()
-        self.imap_port, self.lmtp_port = free_port(), free_port()
+        self.imap_port, self.lmtp_port, sync_port = free_ports(3)
         self.imapd_conf = root / "imapd.conf"
         lines = [f"configdirectory: {self.config}", "sync_log: 1", "sync_host: 127.0.0.1",
-                 f"sync_port: {free_port()}", f"proc_path: {self.config / 'proc'}",
+                 f"sync_port: {sync_port}", f"proc_path: {self.config / 'proc'}",
                  f"partition-default: {root / 'spool'}"]
         if channels is not None:
             lines.append(f"sync_log_channels: {channels}")
