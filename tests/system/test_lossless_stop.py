@@ -111,8 +111,9 @@ def test_fence_does_not_wait_for_daemon_children(lab_factory, release):
     stop = lab.stop(PRIMARY)
 
     assert (stop.result, stop.total_left) == ("success", 0), stop
-    fence = [line for line in lab.journal(PRIMARY).splitlines() if "session left" in line or "grace over" in line]
-    assert fence and "no session left" in fence[-1], fence
+    fence = [line for line in lab.journal(PRIMARY).splitlines()
+             if "no session and no LMTP delivery left" in line or "grace over" in line]
+    assert fence and "no session and no LMTP delivery left" in fence[-1], fence
     assert lab.verify(record)["missing"] == 0
 
 
