@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import add_entry  # noqa: E402
+from cyrushelper import fence  # noqa: E402
 from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
 from testbed.observe import Observer  # noqa: E402
@@ -98,7 +99,7 @@ SLOW_EXIT = """#!/bin/sh
 trap 'sleep 0.2; exit 0' TERM
 while :; do sleep 60 & wait $!; done
 """
-FENCE_WAIT_RE = re.compile(r"(?:no session left|grace over) after ([\d.]+)s")
+FENCE_WAIT_RE = re.compile(rf"(?:{fence.ALL_CLEAR}|{fence.GRACE_OVER}) ([\d.]+)s")
 BARE_DRAIN = ("import json, sys; from testbed.pair import CyrusPair\n"
               "r = CyrusPair(sys.argv[1], port_base=int(sys.argv[2])).drain_with_sync_client()\n"
               "print(json.dumps({'seconds': r.seconds, 'complete': r.complete}))\n")

@@ -55,6 +55,9 @@ DEFAULT_MESSAGE = "This server is restarting for maintenance; please reconnect i
 DEFAULT_GRACE = 5.0
 DELIVERY_PROGRAMS = ("lmtpd", "lmtpproxyd")
 DELIVERY_POLL = 0.05   # seconds between looks at the socket tables (no inotify for sockets)
+# the journal's words for how the grace ended (tests and bench_stop.py read the wait from them)
+ALL_CLEAR = "no session and no LMTP delivery left after"
+GRACE_OVER = "grace over after"
 REPLICATION_PROGRAMS = ("sync_server", "sync_client")
 MASTER_REGISTERED_SECTIONS = ("DAEMON", "EVENTS")   # registered by 3.10+'s master, not sessions
 
@@ -228,12 +231,12 @@ def main(args: argparse.Namespace) -> int:
     waited = time.monotonic() - t0
     delivering = deliveries.left()
     if delivering:
-        log.warning("grace over after %.1fs with %d LMTP connection(s) open since the fence: master's "
+        log.warning(GRACE_OVER + " %.1fs with %d LMTP connection(s) open since the fence: master's "
                     "SIGTERM may cut a delivery in flight (the MTA retries it; raise --grace for slow "
                     "senders)", waited, len(delivering))
     if left:
-        log.info("grace over after %.1fs with %d session(s) still open (master's SIGTERM ends them): %s",
+        log.info(GRACE_OVER + " %.1fs with %d session(s) still open (master's SIGTERM ends them): %s",
                  waited, len(left), ", ".join(f"{s.service}[{s.pid}] {s.user}".strip() for s in left[:10]))
     if not left and not delivering:
-        log.info("no session and no LMTP delivery left after %.2fs", waited)
+        log.info(ALL_CLEAR + " %.2fs", waited)
     return exitcodes.OK

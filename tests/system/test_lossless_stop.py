@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from cyrushelper import exitcodes
+from cyrushelper import exitcodes, fence
 from cyrushelper.synclog import pending_files
 from testbed import images
 from testbed.relay import read_record
@@ -111,9 +111,9 @@ def test_fence_does_not_wait_for_daemon_children(lab_factory, release):
     stop = lab.stop(PRIMARY)
 
     assert (stop.result, stop.total_left) == ("success", 0), stop
-    fence = [line for line in lab.journal(PRIMARY).splitlines()
-             if "no session and no LMTP delivery left" in line or "grace over" in line]
-    assert fence and "no session and no LMTP delivery left" in fence[-1], fence
+    ended = [line for line in lab.journal(PRIMARY).splitlines()
+             if fence.ALL_CLEAR in line or fence.GRACE_OVER in line]
+    assert ended and fence.ALL_CLEAR in ended[-1], ended
     assert lab.verify(record)["missing"] == 0
 
 
