@@ -49,6 +49,7 @@ pytestmark = [pytest.mark.system,
               pytest.mark.parametrize("release", images.releases_under_test(), indirect=True)]
 
 MODES = ("master", "systemd")  # generate --listeners
+STOCK_STOPS = 5
 
 
 def _drain_lines(journal: str) -> list[str]:
@@ -148,22 +149,28 @@ def test_double_sigterm_probe_matches_with_a_debian_style_unit(lab_factory):
     """The probe `unexpected_sigterm_lines() == []` above proves something only if it can match:
     the same stop under load with the primary run as Debian ships it (KillMode=control-group:
     systemd and master both SIGTERM every child) must show Cyrus's evidence of it, on each release
-    (testbed.scenario.double_sigterm_lines: which of the two signals comes first differs)."""
+    (testbed.scenario.double_sigterm_lines: which of the two signals comes first differs).
+
+    Whether a child is caught between the two signals in one stop is a race (seen: 0 to 3 children
+    per stop), so the stock unit is stopped under load up to STOCK_STOPS times, until one shows it;
+    never once in STOCK_STOPS stops means the probe cannot match."""
     lab = lab_factory(rolling=True)
     lab.install_cyrushelper_units()
     stock = lab.install_stock_unit()
-    lab.start(REPLICA, stock)
-    load, record = lab.start_load(seconds=120)
-    assert lab.wait_acknowledged(record, 300, timeout=60) >= 300
-
-    stop = lab.stop(stock)
-    lab.stop_load(load)
-
-    lines = lab.unexpected_sigterm_lines()
-    assert lines, "no child SIGTERMed twice with KillMode=control-group: the probe cannot match"
-    stats = lab.load_stats(record)
-    print(f"stock stop {stop.seconds:.2f}s, {len(lines)} children SIGTERMed twice, "
-          f"{stop.total_left} sync log lines left; load: {json.dumps(stats)}")
+    lab.start(REPLICA)
+    lines: list[str] = []
+    for attempt in range(1, STOCK_STOPS + 1):
+        lab.start(stock)
+        load, record = lab.start_load(seconds=120)
+        assert lab.wait_acknowledged(record, 200, timeout=60) >= 200
+        stop = lab.stop(stock)
+        lab.stop_load(load)
+        lines = lab.unexpected_sigterm_lines()
+        if lines:
+            break
+    assert lines, f"no child SIGTERMed twice in {STOCK_STOPS} stops with KillMode=control-group: the probe cannot match"
+    print(f"stock stop {attempt}: {stop.seconds:.2f}s, {len(lines)} children SIGTERMed twice, "
+          f"{stop.total_left} sync log lines left")
 
 
 @pytest.mark.parametrize("mode", MODES)
