@@ -58,6 +58,7 @@ ALWAYS_MASKED = (
     "console-getty.service",
 )
 MASKABLE_SUFFIXES = (".service", ".socket", ".timer", ".path")
+HALT_DEADLINE = 15   # seconds stop() waits for systemd to halt before the keeper kills the rest
 
 # Directories nspawn replaces with its own file systems: host files there are invisible inside.
 NSPAWN_OWN_MOUNTS = ("/tmp", "/run", "/dev", "/proc", "/sys")
@@ -310,7 +311,7 @@ class SystemdContainer:
         t0 = time.monotonic()
         if self.nspawn_pid and self.cgroup and _populated(self.cgroup):
             _signal(self.nspawn_pid, signal.SIGTERM)
-            deadline = t0 + 15
+            deadline = t0 + HALT_DEADLINE
             while _populated(self.cgroup) and time.monotonic() < deadline:
                 time.sleep(0.02)
             self.shutdown_seconds = time.monotonic() - t0
