@@ -66,15 +66,20 @@ class FakeSystemd:
         self.stopped.append(list(units))
 
 
-@pytest.fixture
-def setup(tmp_path, fake_cyrus_bindir):
-    (tmp_path / "conf").mkdir()
+def lmtp_instance(tmp_path: Path, listen: str, workers: int) -> tuple[Instance, listeners.Plan]:
+    """Instance x with one LMTP service on `listen`, and its socket-mode plan."""
+    (tmp_path / "conf").mkdir(exist_ok=True)
     imapd = tmp_path / "imapd.conf"
     imapd.write_text(f"configdirectory: {tmp_path}/conf\npartition-default: {tmp_path}/spool\n")
     conf = tmp_path / "cyrus.conf"
-    conf.write_text('SERVICES {\n  lmtp cmd="lmtpd" listen="127.0.0.1:1"\n}\n')
+    conf.write_text(f'SERVICES {{\n  lmtp cmd="lmtpd" listen="{listen}"\n}}\n')
     inst = Instance.load(imapd, conf, "x")
-    return inst, listeners.plan(inst, {"lmtp": 2})
+    return inst, listeners.plan(inst, {"lmtp": workers})
+
+
+@pytest.fixture
+def setup(tmp_path, fake_cyrus_bindir):
+    return lmtp_instance(tmp_path, "127.0.0.1:1", 2)
 
 
 class Workers:
@@ -247,15 +252,10 @@ def test_an_lmtp_delivery_in_flight_finishes_before_its_worker_gets_sighup(tmp_p
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
-        port = listener.getsockname()[1]
-        imapd, conf = tmp_path / "imapd.conf", tmp_path / "cyrus.conf"
-        imapd.write_text(f"configdirectory: {tmp_path}/conf\npartition-default: {tmp_path}/spool\n")
-        conf.write_text(f'SERVICES {{\n  lmtp cmd="lmtpd" listen="127.0.0.1:{port}"\n}}\n')
-        inst = Instance.load(imapd, conf, "x")
-        plan = listeners.plan(inst, {"lmtp": 1})
+        inst, plan = lmtp_instance(tmp_path, f"127.0.0.1:{listener.getsockname()[1]}", 1)
         workers.inst = inst
         log = workers.start("idle", plan.worker_units[0])
-        client = socket.create_connection(("127.0.0.1", port))
+        client = socket.create_connection(listener.getsockname())
         delivery, _ = listener.accept()   # held by "lmtpd", inside its transaction
 
         def transaction_done():
