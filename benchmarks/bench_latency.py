@@ -36,13 +36,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import add_entry  # noqa: E402
+from benchlib import add_entry, run_trials  # noqa: E402
 from cyrushelper.synclog import count_lines  # noqa: E402
 from cyrushelper.supervisor import JOURNAL_INTERVAL  # noqa: E402
 from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
 from testbed.observe import Observer  # noqa: E402
-from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
+from testbed.product import Wheelhouse  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 PRIMARY, REPLICA = "cyrus@primary.service", "cyrus@replica.service"
@@ -210,15 +210,7 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument("--slow-start", type=float, default=1.0, help="seconds of the slow START entry")
     args = parser.parse_args()
-    runs = []
-    scratch = new_workdir("bench-wheel")
-    house = build_wheelhouse(scratch / "build")   # the product as users install it
-    for i in range(args.trials):
-        r = trial(args, house)
-        runs.append(r)
-        print(f"trial {i + 1}: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in r.items()), flush=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+    runs = run_trials(args.trials, lambda house: trial(args, house), ".3g")
     print(f"\n{args.trials} trials, {args.release}, burst {args.burst} messages\n")
     print("| figure | median | min | max | goal |")
     print("|---|---|---|---|---|")

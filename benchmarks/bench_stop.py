@@ -43,12 +43,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import add_entry  # noqa: E402
+from benchlib import add_entry, product_wheelhouse, run_trials  # noqa: E402
 from cyrushelper import fence  # noqa: E402
 from testbed import images  # noqa: E402
 from testbed.container import SystemdContainer  # noqa: E402
 from testbed.observe import Observer  # noqa: E402
-from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
+from testbed.product import Wheelhouse  # noqa: E402
 from testbed.scenario import LabSystem, new_workdir  # noqa: E402
 
 CONTESTANTS = ("cyrushelper", "stock", "replica")
@@ -163,14 +163,7 @@ def overhead_trial(args, house: Wheelhouse) -> dict:
 
 
 def overhead(args) -> int:
-    runs = []
-    scratch = new_workdir("bench-wheel")
-    house = build_wheelhouse(scratch / "build")   # the product as users install it
-    for i in range(args.trials):
-        r = overhead_trial(args, house)
-        runs.append(r)
-        print(f"trial {i + 1}: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in r.items()), flush=True)
+    runs = run_trials(args.trials, lambda house: overhead_trial(args, house), ".3f")
     print(f"\n{args.trials} trials, {args.release}, {args.deliveries} deliveries before each stop\n")
     print("| figure | median | min | max |")
     print("|---|---|---|---|")
@@ -180,7 +173,6 @@ def overhead(args) -> int:
             print(f"| {key} | {sum(values)} of {len(values)} | | |")
         else:
             print(f"| {key} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
-    shutil.rmtree(scratch, ignore_errors=True)
     worst = max(max(r["ours_overhead_beyond_grace_s"], r["hang_overhead_beyond_grace_s"]) for r in runs)
     print(f"\nworst overhead beyond the fence's session grace {worst:.3f} s "
           f"(goal <= 0.5 s in every trial: {'ok' if worst <= 0.5 else 'MISSED'})")
@@ -205,14 +197,13 @@ def main() -> int:
         return overhead(args)
     chosen = [k for k in CONTESTANTS if not args.only or k in args.only]
     runs: dict[str, list[dict]] = {k: [] for k in chosen}
-    scratch = new_workdir("bench-wheel")
-    house = build_wheelhouse(scratch / "build")   # the product as users install it
-    for i in range(args.trials):
-        for kind in chosen if i % 2 == 0 else list(reversed(chosen)):
-            r = trial(kind, args.warmup, house, args.slow_sender)
-            runs[kind].append(r)
-            print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s " +
-                  " ".join(f"{k}={v}" for k, v in r.items() if k != "seconds"), flush=True)
+    with product_wheelhouse() as house:
+        for i in range(args.trials):
+            for kind in chosen if i % 2 == 0 else list(reversed(chosen)):
+                r = trial(kind, args.warmup, house, args.slow_sender)
+                runs[kind].append(r)
+                print(f"trial {i + 1} {kind:11}: stop {r['seconds']:.2f}s " +
+                      " ".join(f"{k}={v}" for k, v in r.items() if k != "seconds"), flush=True)
     print()
     print("| unit | trials | stop s (median) | stop s (max) | result | sync-log lines left (median/max) "
           "| acknowledged (median) | missing on replica (median/max) | children SIGTERMed twice (max) "
@@ -235,7 +226,6 @@ def main() -> int:
         ours = statistics.median(r["seconds"] for r in runs["cyrushelper"])
         stock = statistics.median(r["seconds"] for r in runs["stock"])
         print(f"\nstop time ratio cyrushelper/stock (medians): {ours / stock:.2f}")
-    shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

@@ -33,8 +33,8 @@ from cyrushelper.config import Instance  # noqa: E402
 from cyrushelper.switchover import STEPS  # noqa: E402
 from testbed.mail import parse_mbexamine  # noqa: E402
 from testbed.pair import CyrusPair  # noqa: E402
-from testbed.product import Wheelhouse, build_wheelhouse  # noqa: E402
-from testbed.scenario import new_workdir  # noqa: E402
+from benchlib import product_wheelhouse  # noqa: E402
+from testbed.product import Wheelhouse  # noqa: E402
 from testbed.switchlab import SwitchLabFactory  # noqa: E402
 
 PORT_BASE = int(os.environ.get("CYRUSHELPER_TEST_PORT_BASE", "20000")) + 500
@@ -82,37 +82,35 @@ def median(values) -> float:
 
 
 def e2e(trials: int) -> None:
-    scratch = new_workdir("bench-wheel")
-    house = build_wheelhouse(scratch / "build")   # the product as users install it
-    for loaded in (False, True):
-        runs = []
-        for i in range(trials):
-            r = e2e_trial(loaded, house)
-            runs.append(r)
-            print(f"{'load' if loaded else 'idle'} trial {i + 1}: {r['seconds']:.2f}s end to end, bound "
-                  f"{r['bound']:.2f}s" + (f", outage {r['outage']:.2f}s, missing {r['missing']} of "
-                                          f"{r['acknowledged']}" if loaded else ""), flush=True)
-        print(f"\n{'under load' if loaded else 'idle'}: {trials} trials, medians (max)")
-        print("| step | seconds |" + (" write outage s |" if loaded else ""))
-        print("|---|---|" + ("---|" if loaded else ""))
-        for step in STEPS:
-            cells = f"{median(r['steps'][step] for r in runs):.2f} ({max(r['steps'][step] for r in runs):.2f})"
+    with product_wheelhouse() as house:
+        for loaded in (False, True):
+            runs = []
+            for i in range(trials):
+                r = e2e_trial(loaded, house)
+                runs.append(r)
+                print(f"{'load' if loaded else 'idle'} trial {i + 1}: {r['seconds']:.2f}s end to end, bound "
+                      f"{r['bound']:.2f}s" + (f", outage {r['outage']:.2f}s, missing {r['missing']} of "
+                                              f"{r['acknowledged']}" if loaded else ""), flush=True)
+            print(f"\n{'under load' if loaded else 'idle'}: {trials} trials, medians (max)")
+            print("| step | seconds |" + (" write outage s |" if loaded else ""))
+            print("|---|---|" + ("---|" if loaded else ""))
+            for step in STEPS:
+                cells = f"{median(r['steps'][step] for r in runs):.2f} ({max(r['steps'][step] for r in runs):.2f})"
+                if loaded:
+                    out = [r["outage_by_step"].get(step, 0.0) for r in runs]
+                    cells += f" | {median(out):.2f}"
+                print(f"| {step} | {cells} |")
+            total = f"{median(r['seconds'] for r in runs):.2f} ({max(r['seconds'] for r in runs):.2f})"
+            bound = f"{median(r['bound'] for r in runs):.2f}"
             if loaded:
-                out = [r["outage_by_step"].get(step, 0.0) for r in runs]
-                cells += f" | {median(out):.2f}"
-            print(f"| {step} | {cells} |")
-        total = f"{median(r['seconds'] for r in runs):.2f} ({max(r['seconds'] for r in runs):.2f})"
-        bound = f"{median(r['bound'] for r in runs):.2f}"
-        if loaded:
-            print(f"| **end to end** | {total} | {median(r['outage'] for r in runs):.2f} "
-                  f"({max(r['outage'] for r in runs):.2f}) |")
-            print(f"| fence -> new primary READY (bound) | {bound} | |")
-            print(f"\nmissing after the switchover (max over trials, either side): {max(r['missing'] for r in runs)}")
-        else:
-            print(f"| **end to end** | {total} |")
-            print(f"| fence -> new primary READY | {bound} |")
-        print()
-    shutil.rmtree(scratch, ignore_errors=True)
+                print(f"| **end to end** | {total} | {median(r['outage'] for r in runs):.2f} "
+                      f"({max(r['outage'] for r in runs):.2f}) |")
+                print(f"| fence -> new primary READY (bound) | {bound} | |")
+                print(f"\nmissing after the switchover (max over trials, either side): {max(r['missing'] for r in runs)}")
+            else:
+                print(f"| **end to end** | {total} |")
+                print(f"| fence -> new primary READY | {bound} |")
+            print()
 
 
 # --------------------------------------------------------------------------- the proof's cost

@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
-from testbed.scenario import LabSystem
+import shutil
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from testbed.product import Wheelhouse, build_wheelhouse
+from testbed.scenario import LabSystem, new_workdir
+
+
+@contextmanager
+def product_wheelhouse() -> Iterator[Wheelhouse]:
+    """The product as users install it (this checkout's wheel and its dependencies' wheels, which
+    LabSystem installs into a venv under /opt in each container); removed afterwards."""
+    scratch = new_workdir("bench-wheel")
+    try:
+        yield build_wheelhouse(scratch / "build")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_trials(trials: int, trial: Callable[[Wheelhouse], dict], float_format: str) -> list[dict]:
+    """`trials` runs of `trial` on the product as users install it, each printed as a line of
+    key=value as it ends (floats with `float_format`, e.g. ".3g")."""
+    runs = []
+    with product_wheelhouse() as house:
+        for i in range(trials):
+            r = trial(house)
+            runs.append(r)
+            print(f"trial {i + 1}: " + " ".join(f"{k}={v:{float_format}}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in r.items()), flush=True)
+    return runs
 
 
 def add_entry(lab: LabSystem, section: str, name: str, command: str, which: str = "primary") -> None:
