@@ -22,7 +22,7 @@ log = logging.getLogger("cyrushelper")
 SUBCOMMANDS = {
     "generate": ("cyrushelper.render", "render systemd units for an instance from imapd.conf/cyrus.conf"),
     "run": ("cyrushelper.run", "run the instance as a Type=notify service: Cyrus master, or socket mode's workers (the unit's ExecStart)"),
-    "stop": ("cyrushelper.fence", "fence new sessions and give open ones a grace period (ExecStop)"),
+    "stop": ("cyrushelper.fence", "fence new sessions and give open ones a grace period, as run does at every stop of the unit"),
     "drain": ("cyrushelper.drain", "replicate every pending sync log of every channel (ExecStopPost)"),
     "status": ("cyrushelper.status", "show master, replication backlog and last stop of an instance"),
     "watch": ("cyrushelper.status", "follow the replication backlog live (inotify)"),

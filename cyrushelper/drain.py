@@ -701,7 +701,7 @@ KILLED_RESULTS = ("timeout", "signal", "core-dump", "watchdog")
 def _record_if_killed(instance: Instance, service: dict) -> None:
     """Record an unclean stop when systemd killed the unit while Cyrus was running (its processes
     then got SIGKILL, see state.py). Not when Cyrus had stopped cleanly within this invocation
-    (run, or ExecStop after run died, wrote a clean last-stop.json first), nor when no master ran."""
+    (run wrote a clean last-stop.json first), nor when no master ran."""
     if service["result"] not in KILLED_RESULTS:
         return
     invocation = state.invocation_id()

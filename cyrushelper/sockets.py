@@ -62,7 +62,6 @@ from cyrushelper.supervisor import Options, StartRefused, Supervisor
 
 log = logging.getLogger("cyrushelper.run")
 
-DEFAULT_GRACE = 5.0
 DEFAULT_FENCE_AFTER = 1.0
 # sync_server speaks first too (its capabilities, then `* OK`): in socket mode a greeting is the
 # only proof that a worker serves, so it is probed like the services probe.py lists.
@@ -71,11 +70,11 @@ GREETS = ("sync_server",)
 
 class SocketSupervisor(Supervisor):
     def __init__(self, instance: Instance, plan: listeners.Plan, options: Options,
-                 grace: float = DEFAULT_GRACE, fence_after: float = DEFAULT_FENCE_AFTER,
+                 fence_after: float = DEFAULT_FENCE_AFTER,
                  notifier: Notifier | None = None, systemd=systemctl):
         super().__init__(instance, options, notifier)
         self.plan = plan
-        self.grace = grace
+        self.grace = options.grace
         self.fence_after = fence_after
         self.systemd = systemd
         self.unit = f"cyrus@{instance.name}.service"
@@ -190,7 +189,7 @@ class SocketSupervisor(Supervisor):
         deliveries = fence.Deliveries(self.instance)
         fenced = bool(deliveries.at_fence)
         if fenced:
-            fence.write_fence(self.instance)
+            fence.write_fence(self.instance, self.options.message)
             log.info("fence written at once: %d LMTP connection(s) open, their workers get SIGHUP once "
                      "those are closed (a delivery in flight finishes)", len(deliveries.at_fence))
         while True:
@@ -210,7 +209,7 @@ class SocketSupervisor(Supervisor):
                 return {"result": "clean", "seconds": round(now, 3), "units": len(told)}
             serving = sorted(u for u in units if u in self.worker_units)
             if serving and not fenced and now >= self.fence_after:
-                fence.write_fence(self.instance)
+                fence.write_fence(self.instance, self.options.message)
                 fenced = True
                 log.info("fence written after %.1fs: %d worker(s) still serving a session", now, len(serving))
             if now >= opts.stop_timeout:
@@ -320,9 +319,6 @@ class SocketSupervisor(Supervisor):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", action="append", metavar="SERVICE=N",
                         help="socket mode: the size of a service's worker pool, as generated (repeatable)")
-    parser.add_argument("--grace", type=arguments.seconds, default=DEFAULT_GRACE, metavar="SECONDS",
-                        help="socket mode: after the SIGHUP that lets every worker finish its connection, "
-                             f"SIGTERM those still serving (default {DEFAULT_GRACE:g})")
     parser.add_argument("--fence-after", type=arguments.seconds, default=DEFAULT_FENCE_AFTER, metavar="SECONDS",
                         help="socket mode: write the fence (BYE, LMTP 421) for sessions still open this long "
                              f"after the SIGHUP (default {DEFAULT_FENCE_AFTER:g})")
@@ -337,7 +333,7 @@ def main(args: argparse.Namespace, options: Options) -> int:
         return exitcodes.USAGE
     plan = listeners.plan(instance, workers)
     try:
-        return SocketSupervisor(instance, plan, options, grace=args.grace, fence_after=args.fence_after).run()
+        return SocketSupervisor(instance, plan, options, fence_after=args.fence_after).run()
     except StartRefused as e:
         log.error("%s", e)
         return exitcodes.FAILURE

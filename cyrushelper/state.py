@@ -8,7 +8,7 @@
   comparison can (`sync_client -A`, or the switchover proof). It does NOT mean "the helper was
   killed": a `cyrushelper run` killed after Cyrus had stopped cleanly loses nothing, and the
   ExecStopPost drain replays whatever the log holds. But a `run` killed while master runs does
-  mean Cyrus was killed: systemd (252, KillMode=mixed; measured) then skips ExecStop and SIGKILLs
+  mean Cyrus was killed: systemd (252, KillMode=mixed; measured) then SIGKILLs
   every process left in the unit at once ("Killing process N (master) with signal SIGKILL"), so
   the drain records it, with this start's master PID (run.json) as evidence.
   The marker holds the *latest* such event with its evidence, the first one since the last

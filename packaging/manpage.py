@@ -69,8 +69,8 @@ def render() -> str:
            ".SH SYNOPSIS", ".B cyrushelper", "[\\fB\\-v\\fR] \\fISUBCOMMAND\\fR [\\fIOPTION\\fR]...",
            ".SH DESCRIPTION",
            _escape("cyrushelper runs a Cyrus IMAP instance as a systemd service (cyrus@NAME.service) whose "
-                   "stop never loses a replication event: ExecStop fences new sessions, the main process "
-                   "sends exactly one SIGTERM to master, and ExecStopPost drains every sync log channel "
+                   "stop never loses a replication event: the main process fences new sessions, gives open "
+                   "ones a grace period, sends exactly one SIGTERM to master, and ExecStopPost drains every sync log channel "
                    "to the replica before the unit is inactive. The generate command renders those units "
                    "from an instance's imapd.conf and cyrus.conf."),
            ".SH OPTIONS", *_options(parser), ".SH COMMANDS"]

@@ -2,7 +2,7 @@
 reconcile, under a real systemd with real Cyrus (one container boot for the whole sequence).
 
 - `systemctl kill --kill-whom=main --signal=SIGKILL` kills the helper, and systemd (252, measured)
-  then SIGKILLs master and every child at once, skipping ExecStop: a marker, with the evidence;
+  then SIGKILLs master and every child at once, with no fence: a marker, with the evidence;
 - a clean stop afterwards keeps the marker and says so at the next start; its drain replays the
   log but refuses the all-clear while the marker is there (issue 10: exit 66, unit failed);
 - `systemctl kill --signal=SIGKILL` (everything) makes the marker hold the latest event (2 counted);

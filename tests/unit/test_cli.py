@@ -71,6 +71,9 @@ def test_console_script_entry_point_declared():
     (["run", "--stop-timeout", "-1"], "must not be negative"),
     (["run", "--start-timeout", "soon"], "not a number of seconds"),
     (["stop", "--grace", "nan"], "not a finite number"),
+    (["run", "--grace", "-1"], "must not be negative"),
+    (["run", "--message", "two\nlines"], "must be one line"),
+    (["stop", "--message", " [ "], "the fence message is empty"),
     (["watch", "--interval", "-0.5"], "must not be negative"),
 ])
 def test_durations_are_checked_before_anything_runs(argv, message):

@@ -170,8 +170,11 @@ def test_python_dash_m_helper_lands_in_every_exec_line(tmp_path, monkeypatch):
     imapd, cyrus = make_instance(tmp_path, "x", 11143)
     assert generate("-C", str(imapd), "-M", str(cyrus), "--instance", "x", "--output", str(tmp_path / "out")) == 0
     unit = (tmp_path / "out" / "cyrus@.service").read_text()
-    for verb in ("run", "stop", "drain"):
+    for verb in ("run", "drain"):
         assert re.search(rf"^Exec\w+=/opt/v/bin/python -m cyrushelper {verb} ", unit, re.M), verb
+    # the fence is run's, at SIGTERM: no ExecStop, and the stop's options reach run
+    assert not re.search(r"^ExecStop=", unit, re.M)
+    assert re.search(r"^ExecStart=.* run .*\$CYRUSHELPER_RUN_OPTS \$CYRUSHELPER_STOP_OPTS$", unit, re.M)
 
 
 @pytest.mark.parametrize("helper", ["/tmp/v/bin/cyrushelper", "/var/tmp/v/bin/cyrushelper",
@@ -401,7 +404,8 @@ def test_socket_mode_debian_rendering(tmp_path, cyrus_bindir):
     dropin = files["cyrus@default.service.d/cyrushelper.conf"]
     assert "ExecStart=\nExecStart=/usr/bin/cyrushelper run --listeners systemd --instance %i" in dropin
     assert "--workers imap=100 " in dropin and "--workers notify=1 " in dropin
-    assert "\nExecStop=\n" in dropin
+    assert re.search(r"^ExecStart=.* run --listeners systemd .*\$CYRUSHELPER_RUN_OPTS \$CYRUSHELPER_STOP_OPTS$",
+                     dropin, re.M)
     assert "Requires=cyrus-default-lmtpunix.socket" in dropin.splitlines()
     worker = files["cyrus-default-lmtpunix@.service"]
     assert (f"ExecStart=/usr/bin/cyrushelper worker --service lmtpunix --id 0 --status "

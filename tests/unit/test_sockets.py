@@ -119,7 +119,7 @@ def workers(tmp_path, setup):
 def supervisor(setup, workers, job, **kwargs) -> tuple[sockets.SocketSupervisor, FakeSystemd]:
     inst, plan = setup
     fake = FakeSystemd(job, workers)
-    opts = Options(stop_timeout=kwargs.pop("stop_timeout", 30.0))
+    opts = Options(stop_timeout=kwargs.pop("stop_timeout", 30.0), grace=kwargs.pop("grace", 5.0))
     sup = sockets.SocketSupervisor(inst, plan, opts, notifier=Notifier(), systemd=fake, **kwargs)
     sup.processes = workers.alive
     sup.loop = proc.Loop()

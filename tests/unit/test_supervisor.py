@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cyrushelper import exitcodes, proc, supervisor
+from cyrushelper import exitcodes, fence, proc, supervisor
 from tests.unit.test_supervisor_fakes import FakeCyrus, NotifySocket
 from tests.bounds import upper
 
@@ -140,6 +140,37 @@ def test_sigterm_stop_is_clean_with_exactly_one_sigterm(fake, notify, helpers):
     last = json.loads((fake.config / "cyrushelper" / "last-stop.json").read_text())
     assert last["result"] == "clean"
     assert not (fake.config / "cyrushelper" / "unclean-stop.json").exists()
+
+
+def test_sigterm_fences_and_waits_for_open_sessions_before_master_gets_its_sigterm(fake, notify, helpers):
+    """systemd's SIGTERM reaches run (the unit has no ExecStop): the fence with --message goes up
+    at once, master's SIGTERM waits until the open session ended, well inside --grace."""
+    h = helpers(fake, notify, extra=("--grace", "60", "--message", "Moving to the new server"))
+    notify.wait_for("READY", "1")
+    (fake.config / "proc").mkdir(exist_ok=True)
+    session = subprocess.Popen(["sleep", "120"])
+    try:
+        (fake.config / "proc" / str(session.pid)).write_text("imap\tlocalhost [127.0.0.1]\talice\tuser.alice\t\n")
+        h.signal()
+        h.wait_output("fence written")
+        assert (fake.config / "msg" / "shutdown").read_text() == "Moving to the new server\n"
+        notify.wait_for("STOPPING", "1")
+        time.sleep(0.3)  # a helper that does not wait would have signalled master by now
+        assert fake.senders("master SIGTERM") == [], h.output
+        ended = time.time()
+        session.kill()
+    finally:
+        session.kill()
+        session.wait()
+    assert h.wait() == exitcodes.OK, h.output
+    t_term = next(t for t, pid, w in fake.events() if w == "master SIGTERM")
+    assert t_term >= ended and fake.senders("master SIGTERM") == [h.p.pid]
+    assert fence_lines(h.output) == [fence.ALL_CLEAR]
+    assert not (fake.config / "msg" / "shutdown").exists()  # removed once nothing runs
+
+
+def fence_lines(output: str) -> list[str]:
+    return [words for line in output.splitlines() for words in (fence.ALL_CLEAR, fence.GRACE_OVER) if words in line]
 
 
 def test_stuck_child_bounded_stop_kills_session_and_marks_unclean(fake, notify, helpers):
