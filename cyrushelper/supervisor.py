@@ -340,7 +340,10 @@ class Supervisor:
             log.warning("no journal to read (not started by systemd): failed sync log writes are "
                         "detected only as a full or read-only sync file system, and by the drain")
             return
-        self.journal = cyruslog.Watcher(invocation, self.unit)
+        reader = cyruslog.sd_journal()
+        if reader is None:
+            log.info("libsystemd could not be loaded: the journal is read through journalctl")
+        self.journal = cyruslog.Watcher(invocation, self.unit, reader=reader)
         directories = cyruslog.journal_directories()
         if not directories:
             log.warning("no journal directory to watch (%s): the journal is asked every %.0fs instead",
@@ -373,7 +376,11 @@ class Supervisor:
         """What Cyrus (or journald) said since the last look; `sync` first flushes journald."""
         if self.journal is None:
             return
+        reading_in_process = self.journal.reader is not None
         entries = self.journal.poll(sync=sync)
+        if reading_in_process and self.journal.reader is None:
+            log.warning("reading the journal through libsystemd failed (%s): journalctl from now on",
+                        self.journal.reader_failure)
         if entries is None:
             log.warning("could not read the journal: a failed sync log write would be seen only as a "
                         "full or read-only sync file system, and by the drain")

@@ -325,6 +325,9 @@ def test_full_sync_filesystem_is_never_an_all_clear(lab_factory):
     ours = our_lines(journal)
     assert any("Cyrus reported a failed sync log write" in line and "No space left on device" in line
                and "mail was acknowledged without a replication event" in line for line in ours), ours
+    # ... read in-process through libsystemd (issue 11), not by the journalctl fallback
+    assert not [line for line in ours if "journalctl from now on" in line
+                or "libsystemd could not be loaded" in line], ours
     code, report = status_json(lab)
     assert code == 1, report  # running, and needs attention
     problems = "\n".join(report["problems"])

@@ -100,6 +100,52 @@ def test_the_watcher_reports_each_failure_once(tmp_path, monkeypatch):
     assert calls[1] == "--sync" and f"--since=@{watcher.since - 5:.0f}"[:12] in calls[2]
 
 
+class FakeReader:
+    """sd-journal as the Watcher uses it: what `query` was asked, and the entries it returns."""
+
+    def __init__(self, entries: list[cyruslog.Entry], fail: bool = False):
+        self.entries, self.fail, self.asked = entries, fail, []
+
+    def query(self, matches, since_usec):
+        self.asked.append((matches, since_usec))
+        if self.fail:
+            raise OSError(5, "sd_journal_next: Input/output error")
+        return self.entries
+
+
+def test_the_in_process_reader_is_asked_like_journalctl_and_filtered_like_its_grep(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(fake_journalctl(tmp_path, [])))  # it must not be run
+    reader = FakeReader([cyruslog.parse(journal_line("write() to /srv/c/sync/log failed: Read-only file system",
+                                                     cursor="a")),
+                         cyruslog.parse(journal_line("IOERROR: opening /srv/c/quota: Permission denied", cursor="b"))])
+    watcher = cyruslog.Watcher("inv1", UNIT, since=1796140000.0, reader=reader)
+    [failure] = watcher.poll()
+    assert failure.cursor == "a"
+    assert reader.asked == [(cyruslog.invocation_matches("inv1"), 1796139995 * 1_000_000)]
+    assert not (tmp_path / "fakebin" / "calls").exists()
+
+
+def test_a_failing_reader_falls_back_to_journalctl_for_good(tmp_path, monkeypatch):
+    bindir = fake_journalctl(tmp_path, [journal_line("write() to /srv/c/sync/log failed: No space left on device")])
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    reader = FakeReader([], fail=True)
+    watcher = cyruslog.Watcher("inv1", UNIT, since=1796140000.0, reader=reader)
+    assert [e.cursor for e in watcher.poll()] == ["c1"]   # the same poll, through journalctl
+    assert watcher.reader is None and "Input/output error" in watcher.reader_failure
+    watcher.poll()
+    assert len(reader.asked) == 1 and len((bindir / "calls").read_text().splitlines()) == 2
+
+
+def test_sd_journal_reads_this_machines_journal():
+    """libsystemd through ctypes, on whatever journal this machine has (none in CI: no entries);
+    an invocation that never ran has no entries either way."""
+    reader = cyruslog.sd_journal()
+    assert reader is not None, "libsystemd.so.0 could not be loaded"
+    assert reader.query(cyruslog.invocation_matches("0" * 32), 0) == []
+    every = reader.query([], 0)
+    assert all(isinstance(e, cyruslog.Entry) and e.cursor for e in every)
+
+
 def test_said_by_quotes_the_process_by_pid(tmp_path, monkeypatch):
     bindir = fake_journalctl(tmp_path, [journal_line("Failed to stat /srv/c/sync/log: Permission denied",
                                                      pid=777)])

@@ -128,6 +128,8 @@ def test_other_news_goes_out_at_once_even_while_the_logs_are_written(sup):
 
 
 class CountingJournal:
+    reader = None   # (as a Watcher reading through journalctl)
+
     def __init__(self):
         self.polls = 0
 
