@@ -13,8 +13,8 @@ place where it says that it could not do something. Two uses:
 - Why a sync_client run failed: `said_by(pid)` quotes what that one process logged.
 
 `run`'s Watcher reads the journal in-process through libsystemd's sd-journal API (ctypes, like
-syncwatch.py's inotify: no build, no extra package): a query there costs ~1 ms of CPU, a
-journalctl process 6-11 ms (perf stat on the lab VM), and `run` asks at most every 5 s while
+syncwatch.py's inotify: no build, no extra package): no process to start, where a journalctl
+process cost 6-11 ms of CPU (perf stat on the lab VM), and `run` asks at most every 5 s while
 journald writes, which on a busy server is always: the journalctl processes were a third of the
 helper's CPU during a burst of mail (issue 11). Where libsystemd cannot be loaded, or a call of it
 fails, the Watcher falls back to journalctl for good. Everything else (the drain's one-off
