@@ -153,7 +153,7 @@ def test_sigterm_fences_and_waits_for_open_sessions_before_master_gets_its_sigte
         (fake.config / "proc" / str(session.pid)).write_text("imap\tlocalhost [127.0.0.1]\talice\tuser.alice\t\n")
         h.signal()
         h.wait_output("fence written")
-        assert (fake.config / "msg" / "shutdown").read_text() == "Moving to the new server\n"
+        assert (fake.config / "msg" / "shutdown").read_text() == "Moving to the new server\n", h.output
         notify.wait_for("STOPPING", "1")
         time.sleep(0.3)  # a helper that does not wait would have signalled master by now
         assert fake.senders("master SIGTERM") == [], h.output
@@ -164,8 +164,8 @@ def test_sigterm_fences_and_waits_for_open_sessions_before_master_gets_its_sigte
         session.wait()
     assert h.wait() == exitcodes.OK, h.output
     t_term = next(t for t, pid, w in fake.events() if w == "master SIGTERM")
-    assert t_term >= ended and fake.senders("master SIGTERM") == [h.p.pid]
-    assert fence_lines(h.output) == [fence.ALL_CLEAR]
+    assert t_term >= ended and fake.senders("master SIGTERM") == [h.p.pid], (t_term, ended, h.output)
+    assert fence_lines(h.output) == [fence.ALL_CLEAR], h.output
     assert not (fake.config / "msg" / "shutdown").exists()  # removed once nothing runs
 
 
