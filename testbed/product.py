@@ -14,6 +14,7 @@ and no drop-in reaches the units: they run the product and the sandbox exactly a
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -124,6 +125,21 @@ def install(container, house_inside: str | Path, venv: str = PRODUCT_VENV) -> st
     container.run(f"{venv}/bin/pip", "install", "-q", "cyrushelper", timeout=300,
                   env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(house_inside), "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     return f"{venv}/bin/cyrushelper"
+
+
+# run by the product's own Python inside the container: the modules whose bytecode is not there
+_WITHOUT_BYTECODE = ("import importlib.util, json, pathlib, cyrushelper\n"
+                     "package = pathlib.Path(cyrushelper.__file__).parent\n"
+                     "print(json.dumps(sorted(str(p.relative_to(package)) for p in package.rglob('*.py')\n"
+                     "                        if not pathlib.Path(importlib.util.cache_from_source(str(p))).exists())))\n")
+
+
+def modules_without_bytecode(container, python: str) -> list[str]:
+    """The installed package's modules without a .pyc for `python`. Every hook of the unit runs
+    with the file system read-only (ProtectSystem=strict), where Python cannot write __pycache__:
+    a module without bytecode is compiled again at every start (issue 11). pip compiles at
+    install, Debian's package in its postinst (py3compile), the RPM at build time."""
+    return json.loads(container.run(python, "-I", "-c", _WITHOUT_BYTECODE).stdout)  # -I: not the cwd's copy
 
 
 def copy_wheels(house: Wheelhouse, dest: Path) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from testbed.container import SystemdContainer
-from testbed.product import PRODUCT_VENV, Wheelhouse, copy_wheels, source_tree
+from testbed.product import PRODUCT_VENV, Wheelhouse, copy_wheels, modules_without_bytecode, source_tree
 from testbed.scenario import LabSystem, new_workdir
 from tests.conftest import require_container_host, require_root_and_cyrus
 
@@ -109,6 +109,7 @@ def test_readme_recipe_on_debians_untouched_configuration(recipe):
         recipe.run(line)
     unit = box.run("cat", "/etc/systemd/system/cyrus@.service").stdout
     assert f"\nExecStart={PRODUCT_VENV}/bin/cyrushelper run --instance %i " in unit
+    assert modules_without_bytecode(box, f"{PRODUCT_VENV}/bin/python") == []  # pip compiled them
     assert box.run("ls", "/etc/systemd/system/cyrus@default.service.d").stdout.split() == ["cyrushelper.conf"]
     assert box.show("cyrus@default.service", "ActiveState")["ActiveState"] == "active"
 

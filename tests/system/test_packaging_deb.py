@@ -26,7 +26,7 @@ import pytest
 
 from testbed import images
 from testbed.container import SystemdContainer
-from testbed.product import METADATA_NOISE, SYSTEM_PYTHON, source_tree
+from testbed.product import METADATA_NOISE, SYSTEM_PYTHON, modules_without_bytecode, source_tree
 from testbed.scenario import LabSystem, new_workdir
 from tests.conftest import require_container_host, require_root_and_cyrus
 
@@ -186,6 +186,7 @@ def test_deb_install_upgrade_remove_under_real_systemd(release, request):
                 status = box.run("dpkg-query", "-W", "-f=${Status}", package, check=False).stdout
                 assert status == "install ok installed", f"{package} not pulled in:\n{apt_output}"
             assert box.run("/usr/bin/cyrushelper", "--version").stdout.startswith("cyrushelper ")
+            assert modules_without_bytecode(box, SYSTEM_PYTHON) == []  # postinst's py3compile
             assert box.show("cyrus.service", "ActiveState")["ActiveState"] == "inactive"
             assert box.systemctl("is-enabled", "cyrus.service", check=False).stdout.strip() == "disabled"
 
