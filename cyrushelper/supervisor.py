@@ -93,10 +93,11 @@ STATUS_BUSY_LOOK = 0.07
 # per --status-interval plus the final count, not one per gap (measured 4-7 datagrams/s, and
 # helper CPU rising with them to 2-4 % of Cyrus's). The next look is due exactly when the quiet
 # would be long enough (last write + STATUS_QUIET_AFTER_SEND, at least STATUS_MIN_LOOK ahead), so
-# the final count goes out STATUS_QUIET_AFTER_SEND after the last write, and a burst costs one
-# wake-up per STATUS_QUIET_AFTER_SEND. A wake-up costs 0.25-0.5 ms of CPU on the 2-core lab VM
-# (a bare Python epoll_wait return: 0.24 ms), so their number is the helper's CPU in a burst:
-# 25/s with a 40 ms quiet looked at every 40 ms measured 0.8-1.24 % of Cyrus's CPU (issue 11).
+# the final count goes out STATUS_QUIET_AFTER_SEND after the last write, and a fast burst costs
+# about one wake-up per STATUS_QUIET_AFTER_SEND (a slow one more: its gaps shorten each wait). A
+# wake-up costs 0.2-0.3 ms of CPU on the 2-core lab VM (a bare C epoll_wait return: 0.13 ms), so
+# their number is the helper's CPU in a burst (benchmarks/bench_latency.py, issue 11): 25/s with a
+# 40 ms quiet looked at every 40 ms, 14/s now.
 STATUS_QUIET_AFTER_SEND = 0.07
 STATUS_MIN_LOOK = 0.01
 JOURNAL_INTERVAL = 5.0         # at most one journal check per interval (and none without news)
