@@ -243,6 +243,7 @@ class SystemdContainer:
         self.keeper: subprocess.Popen | None = None
         self.boot_seconds: float | None = None
         self.shutdown_seconds: float | None = None
+        self.halted: bool | None = None   # stop(): systemd emptied its cgroup within HALT_DEADLINE
         self.boot_state: str | None = None
         self.failed_units: list[str] = []
         self.masked: list[str] = []
@@ -315,6 +316,7 @@ class SystemdContainer:
             while _populated(self.cgroup) and time.monotonic() < deadline:
                 time.sleep(0.02)
             self.shutdown_seconds = time.monotonic() - t0
+            self.halted = not _populated(self.cgroup)   # else the keeper kills what is left
         if self._pipe_w is not None:
             os.close(self._pipe_w)   # the keeper's cue
             self._pipe_w = None
