@@ -211,8 +211,9 @@ def fence_and_wait(instance: Instance, grace: float, message: str = DEFAULT_MESS
     that moment, at most `grace` seconds; log how it ended. The seconds waited."""
     path = write_fence(instance, message)
     deliveries = Deliveries(instance)
-    before = sessions(instance)
-    replicating = [s for s in sessions(instance, replication=True) if s.replication]
+    registered = sessions(instance, replication=True)
+    before = [s for s in registered if not s.replication]
+    replicating = [s for s in registered if s.replication]
     log.info("fence written (%s); %d session(s) and %d LMTP connection(s) open, grace %.1fs%s",
              path, len(before), len(deliveries.at_fence), grace,
              f"; not waiting for {len(replicating)} replication process(es) "

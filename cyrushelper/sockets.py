@@ -74,7 +74,6 @@ class SocketSupervisor(Supervisor):
                  notifier: Notifier | None = None, systemd=systemctl):
         super().__init__(instance, options, notifier)
         self.plan = plan
-        self.grace = options.grace
         self.fence_after = fence_after
         self.systemd = systemd
         self.unit = f"cyrus@{instance.name}.service"
@@ -197,11 +196,11 @@ class SocketSupervisor(Supervisor):
             now = time.monotonic() - t0
             units = set(left.values())
             writers = {u for u in units if u in self.worker_units or u in self.event_units}
-            delivering = now < self.grace and bool(deliveries.left())
+            delivering = now < self.options.grace and bool(deliveries.left())
             for signum in (signal.SIGHUP, signal.SIGTERM):
                 due = sorted(u for u in units - set(told) if self._first_signal(u, writers, now) == signum
                              and not (delivering and u in self.delivery_units))
-                if signum == signal.SIGTERM and now >= self.grace:  # workers still serving: once
+                if signum == signal.SIGTERM and now >= self.options.grace:  # workers still serving: once
                     due += sorted(u for u in units if told.get(u) == signal.SIGHUP)
                 self.signal_units(due, signum, left)
                 told.update({u: signum for u in due})
@@ -224,7 +223,7 @@ class SocketSupervisor(Supervisor):
     def _first_signal(self, unit: str, writers: set[str], now: float) -> int | None:
         if unit in self.worker_units:
             return signal.SIGHUP
-        if unit in self.event_units or not writers or now >= self.grace:
+        if unit in self.event_units or not writers or now >= self.options.grace:
             return signal.SIGTERM
         return None  # a daemon, while workers or jobs still write
 
@@ -234,7 +233,7 @@ class SocketSupervisor(Supervisor):
         if not units:
             return
         if signum == signal.SIGTERM and any(u in self.worker_units for u in units):
-            log.warning("grace of %.0fs over: SIGTERM to %s", self.grace, ", ".join(units[:8]))
+            log.warning("grace of %.0fs over: SIGTERM to %s", self.options.grace, ", ".join(units[:8]))
         try:
             self.systemd.kill(units, signum)
         except systemctl.SystemctlError as e:

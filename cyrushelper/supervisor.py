@@ -194,7 +194,7 @@ class Options:
     leftover_drain: bool = True
     drain_timeout: float = 300.0
     space_warn: float = synclog.DEFAULT_SPACE_WARN
-    grace: float = fence.DEFAULT_GRACE          # the fence's, before master's SIGTERM
+    grace: float = fence.DEFAULT_GRACE          # for open sessions, before the SIGTERM (both modes)
     message: str = fence.DEFAULT_MESSAGE
 
 

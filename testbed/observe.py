@@ -17,7 +17,7 @@ and in the container (the container has no time namespace), so the host can comp
   3.10's master.ready).
 - probe: connects to each listener every millisecond until it accepts and greets: the moment Cyrus
   serves, as a client sees it. A probe that connects but gets no greeting waits for it (no retry).
-- knock: once FILE exists (e.g. the stop's fence, msg/shutdown), opens a connection to a listener
+- knock: once FILE exists (bench_stop.py: one its DAEMON child creates at master's SIGTERM), opens a connection to a listener
   every 10 ms for S seconds (at most 500) and keeps it open without a word, like clients that keep connecting
   during a stop. Connections queued on a listen socket of a master in shutdown are what makes
   Cyrus < 3.12 hang after its last child (#5309: pselect returns at once, SIGCHLD is never seen).
